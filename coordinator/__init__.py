@@ -1,0 +1,1 @@
+"""The authority: gRPC server, its own trusted hivemind peer, evaluation, local peers."""

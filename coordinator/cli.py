@@ -1,0 +1,76 @@
+"""hivegym-launch: start a training swarm. Heavy modules load only after the arguments parse."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hivegym-launch", description="Launch a hivegym training swarm.")
+    parser.add_argument("--config", metavar="FILE", help="run configuration (TOML, flat keys of RunConfig)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key (repeatable), e.g. --set env_id=Acrobot-v1")
+    parser.add_argument("--host", default="127.0.0.1", help="interface of the gRPC server (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
+    parser.add_argument("--advertise-host", default=None,
+                        help="address peers use to reach the gRPC server (default: --host)")
+    parser.add_argument("--host-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="libp2p listen addresses (default /ip4/127.0.0.1/tcp/0)")
+    parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="libp2p addresses announced to peers (for a public or NATed address)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: a fresh one in /tmp)")
+    parser.add_argument("--local-peers", type=int, default=0, metavar="N", help="start N peers on this machine")
+    parser.add_argument("--target-return", type=float, default=None, metavar="R",
+                        help="stop and exit 0 once the evaluation's mean return reaches R")
+    parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                        help="exit non-zero if the target is not reached within M minutes")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    if args.local_peers < 0:
+        parser.error("--local-peers must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from hivegym.protocol.config import ConfigError, load
+    from hivegym.protocol.logs import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        config = load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"hivegym-launch: config error: {e}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix=f"hivegym-{time.strftime('%Y%m%d-%H%M%S')}-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("hivegym").info("run directory %s", run_dir)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from hivegym.coordinator.launch import Launch, LaunchOptions
+
+    options = LaunchOptions(host=args.host, port=args.port, run_dir=run_dir, local_peers=args.local_peers,
+                            target_return=args.target_return, max_minutes=args.max_minutes,
+                            host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
+                            advertise_host=args.advertise_host or args.host)
+    try:
+        result = Launch(config, options).run()
+    except RuntimeError as e:
+        print(f"hivegym-launch: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    if args.target_return is not None:
+        return 0 if result["reached"] else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

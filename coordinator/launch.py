@@ -1,0 +1,138 @@
+"""hivegym-launch wired together: trusted peer, gRPC server, local peers, evaluation, run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivegym.coordinator import local_peers
+from hivegym.coordinator.server import SwarmState, start_server
+from hivegym.coordinator.trusted_peer import TrustedPeer, evaluate_snapshot, warm_up
+from hivegym.protocol.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchOptions:
+    host: str
+    """Interface of the gRPC server."""
+    port: int
+    """Port of the gRPC server (0: any free port)."""
+    run_dir: Path
+    """Where metrics.jsonl, summary.json and the peers' logs go."""
+    local_peers: int
+    """Peers to start on this machine as child processes."""
+    target_return: float | None
+    """Stop with success once the evaluation's mean return reaches this."""
+    max_minutes: float | None
+    """Stop with failure if the target is not reached by then."""
+    host_maddrs: list[str]
+    """libp2p addresses the trusted peer listens on."""
+    announce_maddrs: list[str]
+    """libp2p addresses the trusted peer tells others to dial (a public address)."""
+    advertise_host: str
+    """Host name or address that peers use to reach the gRPC server (printed in the join command)."""
+
+
+class Launch:
+    def __init__(self, config: RunConfig, options: LaunchOptions):
+        self.config, self.options = config, options
+        self.stop = threading.Event()
+        self.reached = False
+        self.peers: list[local_peers.LocalPeer] = []
+        self.metrics = open(options.run_dir / "metrics.jsonl", "a")
+        self.started = time.monotonic()
+
+    def run(self) -> dict:
+        # hivemind first, gRPC after: gRPC then has no threads when hivemind forks (HIVEMIND_NOTES)
+        # evaluation runs in its own process: the trusted peer must keep stepping, or a round goes without it
+        evaluator = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        evaluator.submit(warm_up)
+        trusted = server = state = None
+        try:
+            trusted = TrustedPeer(self.config, self.options.host_maddrs or None, self.options.announce_maddrs or None)
+            maddrs = trusted.maddrs()
+            state = SwarmState(self.config.to_json(), maddrs)
+            server, port = start_server(state, self.options.host, self.options.port)
+            address = f"{self.options.advertise_host}:{port}"
+            logger.info("trusted peer listening on %s", " ".join(maddrs))
+            logger.info("gRPC server on %s:%d; join with:\n    hivegym-join --coordinator %s",
+                        self.options.host, port, address)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self.stop.set())
+            for i in range(self.options.local_peers):
+                self.peers.append(local_peers.LocalPeer(f"local-{i}", f"127.0.0.1:{port}",
+                                                        self.options.run_dir / f"peer-{i}.log"))
+            self.loop(trusted, state, evaluator)
+        finally:
+            local_peers.stop_all(self.peers)
+            if server is not None:
+                server.stop(grace=1).wait(2)
+            evaluator.shutdown(wait=False, cancel_futures=True)
+            if trusted is not None:
+                trusted.shutdown()
+            local_peers.kill_descendants()
+            self.metrics.close()
+        return self.summary(trusted, state)
+
+    def loop(self, trusted: TrustedPeer, state: SwarmState, evaluator: ProcessPoolExecutor) -> None:
+        deadline = self.started + self.options.max_minutes * 60 if self.options.max_minutes else float("inf")
+        pending: Future | None = None
+        pending_epoch, logged_epoch, last_eval_epoch = 0, 0, 0
+        while not self.stop.is_set():
+            if time.monotonic() > deadline:
+                logger.warning("no target reached within --max-minutes %s", self.options.max_minutes)
+                return
+            trusted.train_once(self.stop.is_set)
+            epoch = trusted.epoch
+            with state.lock:
+                state.epoch = epoch
+                state.own_env_steps = trusted.progress.env_steps
+                state.own_samples_per_second = trusted.samples_per_second()
+            if pending is not None and pending.done():
+                returns = pending.result()
+                with state.lock:
+                    state.last_eval_return = sum(returns) / len(returns)
+                    state.last_eval_epoch = pending_epoch
+                logger.info("evaluation at epoch %d: mean return %.1f over %d episodes", pending_epoch,
+                            state.last_eval_return, len(returns))
+                pending = None
+                if self.options.target_return is not None and state.last_eval_return >= self.options.target_return:
+                    self.reached = True
+                    return
+            if pending is None and epoch >= last_eval_epoch + self.config.eval_every:
+                pending, pending_epoch, last_eval_epoch = (
+                    evaluator.submit(evaluate_snapshot, self.config.to_json(), trusted.snapshot()), epoch, epoch)
+            if epoch > logged_epoch:
+                logged_epoch = epoch
+                self.log_epoch(state)
+
+    def log_epoch(self, state: SwarmState) -> None:
+        now = time.monotonic()
+        with state.lock:
+            row = {"time": time.time(), "wall_s": round(now - self.started, 3), "epoch": state.epoch,
+                   "env_steps": state.env_steps(), "samples_per_second": round(state.samples_per_second(now), 1),
+                   "peers": len(state.live_peers(now)), "eval_return": state.last_eval_return,
+                   "eval_epoch": state.last_eval_epoch}
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        logger.info("epoch %d | %s env steps | %.0f samples/s | %d peers | eval %s", row["epoch"],
+                    f"{row['env_steps']:,}", row["samples_per_second"], row["peers"],
+                    "-" if row["eval_return"] is None else f"{row['eval_return']:.1f}")
+
+    def summary(self, trusted: TrustedPeer | None, state: SwarmState | None) -> dict:
+        result = {"reached": self.reached, "wall_s": round(time.monotonic() - self.started, 2),
+                  "env_steps": state.env_steps() if state else 0,
+                  "eval_return": state.last_eval_return if state else None,
+                  "epoch": trusted.epoch if trusted else 0}
+        (self.options.run_dir / "summary.json").write_text(json.dumps(
+            {**result, "run_dir": str(self.options.run_dir), "config": json.loads(self.config.to_json())}, indent=2))
+        return result

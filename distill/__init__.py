@@ -1,0 +1,1 @@
+"""Distillation of the shared policy into small students (arrives with the distillation issue)."""

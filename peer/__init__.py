@@ -1,0 +1,1 @@
+"""The volunteer: hivemind swarm membership and the training loop."""

@@ -1,0 +1,57 @@
+"""hivegym-join: join a swarm as a compute peer. Heavy modules load only after the arguments parse."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import socket
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hivegym-join", description="Join a hivegym swarm as a compute peer.")
+    parser.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's gRPC address")
+    parser.add_argument("--name", default=None, help="this peer's name (default: hostname plus a random suffix)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where gradients are computed (default: the best one found)")
+    parser.add_argument("--no-client-mode", dest="client_mode", action="store_false",
+                        help="accept incoming connections (only for peers with a reachable address)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="leave the swarm after this many minutes")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: small networks run fastest single-threaded)")
+    parser.add_argument("--save-params", metavar="FILE", default=None,
+                        help="on exit, write the parameters held right after each of the last 3 global steps")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def default_name() -> str:
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_.")[:40] or "peer"
+    return f"{host}-{secrets.token_hex(3)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from hivegym.protocol.logs import setup_logging
+
+    setup_logging(args.log_level)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from hivegym.peer.volunteer import JoinFailed, VolunteerOptions, run
+
+    options = VolunteerOptions(coordinator=args.coordinator, name=args.name or default_name(), device=args.device,
+                               client_mode=args.client_mode, max_minutes=args.max_minutes,
+                               live_status=sys.stderr.isatty(), save_params=args.save_params)
+    try:
+        return run(options)
+    except JoinFailed as e:
+        print(f"hivegym-join: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The only module that imports hivemind: DHT, Optimizer, codecs and the sync guards around them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+import hivemind
+import numpy as np
+import torch
+from hivemind.compression import (CompressionBase, Float16Compression, NoCompression, SizeAdaptiveCompression,
+                                  quantization, serialization)
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+from hivemind.proto import runtime_pb2
+
+from hivegym.protocol.config import RunConfig
+from hivegym.protocol.logs import DropHarmless
+
+logger = logging.getLogger(__name__)
+for _handler in logging.getLogger("hivemind").handlers:
+    _handler.addFilter(DropHarmless())
+
+
+class Uniform8Bit(quantization.Uniform8BitQuantization):
+    """hivemind 1.1.12's decoder calls int() on a 1-element array, an error on numpy >= 2.4."""
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        buffer = serialized_tensor.buffer
+        codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+        codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+        quantized = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+        quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
+        codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+        return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
+
+
+class Blockwise8Bit(quantization.BlockwiseQuantization):
+    """Same numpy >= 2.4 fix for the blockwise (bitsandbytes) decoder."""
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        buffer = serialized_tensor.buffer
+        absmax_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+        codebook_size = int(np.frombuffer(buffer, offset=8, count=1, dtype=np.int64)[0])
+        absmax = np.frombuffer(buffer, offset=16, count=absmax_size, dtype=self.codebook_dtype)
+        codebook = np.frombuffer(buffer, offset=16 + absmax.nbytes, count=codebook_size, dtype=self.codebook_dtype)
+        quantized = np.frombuffer(buffer, offset=16 + absmax.nbytes + codebook.nbytes, dtype=self.indices_dtype)
+        result = dequantize_blockwise(
+            torch.as_tensor(quantized).reshape(tuple(serialized_tensor.size)), absmax=torch.as_tensor(absmax),
+            code=torch.as_tensor(codebook), blocksize=quantization._BLOCKWISE_QUANTIZATION_BLOCKSIZE, nested=False,
+        )
+        return result.to(getattr(torch, serialized_tensor.dtype)).requires_grad_(serialized_tensor.requires_grad)
+
+
+# Receivers decode by looking the wire type up in this table; replace the broken decoders before any
+# averager forks, so every process of this peer decodes 8-bit parts correctly.
+serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()
+serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"] = Blockwise8Bit()
+
+
+def compression(name: str) -> CompressionBase:
+    """The codec for averaged tensors; tiny tensors (biases) always go uncompressed."""
+    codec = {
+        "none": NoCompression(),
+        "float16": Float16Compression(),
+        "uint8": Uniform8Bit(),
+        "blockwise8bit": Blockwise8Bit(),
+        "powersgd": Float16Compression(),  # PowerSGD's factors and residual travel as float16
+    }[name]
+    return SizeAdaptiveCompression(threshold=2**10, less=NoCompression(), greater_equal=codec)
+
+
+def start_dht(initial_peers: list[str], client_mode: bool, host_maddrs: list[str] | None = None,
+              announce_maddrs: list[str] | None = None) -> hivemind.DHT:
+    """Start a DHT node; raises with hivemind's reason if the bootstrap peers cannot be reached."""
+    return hivemind.DHT(
+        initial_peers=initial_peers, client_mode=client_mode, start=True,
+        host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"], announce_maddrs=announce_maddrs,
+    )
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig, client_mode: bool
+                   ) -> hivemind.Optimizer:
+    """hivemind.Optimizer for the run's sync mode. Client mode is set on the DHT and here together:
+    hivemind 1.1.12 ignores the Optimizer's flag unless the DHT is a client too."""
+    # request_timeout must stay below matchmaking_time, or matchmaking can deadlock (hivemind's note)
+    request_timeout = config.matchmaking_time / 2
+    common = dict(
+        dht=dht, run_id=config.run_id, target_batch_size=config.target_batch_size,
+        optimizer=partial(torch.optim.Adam, lr=config.learning_rate), params=policy.parameters(),
+        matchmaking_time=config.matchmaking_time, averaging_timeout=config.averaging_timeout,
+        load_state_timeout=config.load_state_timeout, client_mode=client_mode, verbose=False,
+        state_averaging_compression=compression(config.compression),
+        averager_opts=dict(request_timeout=request_timeout),
+        tracker_opts=dict(min_refresh_period=0.1, max_refresh_period=1.0),
+    )
+    if config.sync_mode == "local":
+        # delayed (background) averaging would still block every local step until the round ends (hivemind's
+        # delta rule), so average synchronously: params are then exactly the group's average after each epoch
+        return hivemind.Optimizer(**common, use_local_updates=True, delay_state_averaging=False)
+    if config.compression == "powersgd":
+        factory = partial(PowerSGDGradientAverager, averager_rank=config.powersgd_rank,
+                          request_timeout=request_timeout)
+    else:
+        factory = partial(GradientAverager, request_timeout=request_timeout)
+    return hivemind.Optimizer(**common, grad_compression=compression(config.compression),
+                              grad_averager_factory=factory)
+
+
+def reducers_present(opt: hivemind.Optimizer) -> bool:
+    """True once the tracker sees a non-client peer (one that can reduce and serve state)."""
+    progress = opt.tracker.global_progress
+    return progress.num_peers - progress.num_clients > 0
+
+
+def wait_for_reducer(opt: hivemind.Optimizer, timeout: float) -> bool:
+    """A client that steps before it sees a reducer falls back to local steps and drifts for good."""
+    deadline = time.monotonic() + timeout
+    while not reducers_present(opt):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def shutdown(opt: hivemind.Optimizer | None, dht: hivemind.DHT | None) -> None:
+    for part in (opt, dht):
+        if part is None:
+            continue
+        try:
+            part.shutdown()
+        except Exception as e:  # shutting down: log and keep going so the DHT still stops
+            logger.debug("hivemind shutdown raised %r", e)

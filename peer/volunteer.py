@@ -1,0 +1,167 @@
+"""A volunteer's session: join the coordinator, enter the swarm, train until stopped."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from hivegym.peer import swarm
+from hivegym.peer.worker import Progress, train_rollout
+from hivegym.protocol import hivegym_pb2 as pb
+from hivegym.protocol.config import ConfigError, RunConfig
+from hivegym.protocol.policy import build_policy
+from hivegym.protocol.rollout import Collector, derive_seed
+from hivegym.protocol.rpc import CoordinatorClient, describe_error
+
+logger = logging.getLogger(__name__)
+
+
+class JoinFailed(RuntimeError):
+    """The peer cannot start; the message is one line that says what to do."""
+
+
+class Stopped(Exception):
+    """Raised inside the loop once a stop was asked for, so a long PPO pass ends at the next step."""
+
+
+@dataclass
+class VolunteerOptions:
+    coordinator: str
+    """HOST:PORT of the coordinator's gRPC server."""
+    name: str
+    """This peer's name in the swarm (letters, digits, '.', '_', '-')."""
+    device: str
+    """'auto', 'cpu', 'cuda' or 'mps'."""
+    client_mode: bool
+    """Run hivemind as a client: no incoming connections, never reduces (the default for volunteers)."""
+    max_minutes: float | None
+    """Stop after this many minutes (None: until stopped)."""
+    live_status: bool
+    """Rewrite one status line in place (a terminal) instead of logging a line every 10 s."""
+    save_params: str | None = None
+    """Write the parameters held right after each of the last few global steps here ({epoch: state_dict})."""
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise JoinFailed("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(requested)
+
+
+def minibatch_for(device: torch.device, config: RunConfig) -> int:
+    """Samples per step: the run's minibatch on a CPU, the whole rollout on an accelerator. The swarm counts
+    samples, so a slower device simply contributes fewer of them per epoch and holds nobody back."""
+    return config.minibatch_size if device.type == "cpu" else config.rollout_size
+
+
+def run(options: VolunteerOptions) -> int:
+    device = pick_device(options.device)
+    client = CoordinatorClient(options.coordinator)
+    try:
+        reply = client.join(options.name, device.type)
+    except grpc.RpcError as e:
+        raise JoinFailed(f"cannot reach the coordinator at {options.coordinator} ({describe_error(e)}); check "
+                         "the address and that hivegym-launch is running there") from None
+    try:
+        config = RunConfig.from_json(reply.run_config_json)
+    except (ConfigError, TypeError) as e:
+        raise JoinFailed(f"the coordinator sent a run config this hivegym cannot use ({e}); upgrade hivegym")
+    client.timeout, client.retries = config.rpc_timeout, config.rpc_retries
+
+    dht = opt = None
+    try:
+        try:
+            dht = swarm.start_dht(list(reply.bootstrap_maddrs), client_mode=options.client_mode)
+        except Exception as e:
+            raise JoinFailed(f"cannot reach the swarm's bootstrap peers {list(reply.bootstrap_maddrs)} ({e}); "
+                             "check that their ports are reachable from here") from None
+        policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed).to(device)
+        opt = swarm.make_optimizer(dht, policy, config, client_mode=options.client_mode)
+        if not swarm.wait_for_reducer(opt, timeout=config.load_state_timeout):
+            raise JoinFailed("no trusted peer of the swarm answered within load_state_timeout; is the coordinator "
+                             "still running?")
+        if opt.tracker.global_epoch > 0:  # late joiner: start from the swarm's parameters, not from scratch
+            opt.load_state_from_peers()
+            logger.info("loaded the swarm's state at epoch %d", opt.local_epoch)
+        # handlers go in after hivemind's processes have forked, so SIGTERM still ends those at once
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        train(options, config, client, opt, policy, device, stop)
+        return 0
+    finally:
+        swarm.shutdown(opt, dht)
+        client.close()
+
+
+def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClient, opt, policy, device, stop
+          ) -> None:
+    actor = copy.deepcopy(policy).cpu() if device.type != "cpu" else None
+    collector = Collector(config.env_id, config.num_envs, derive_seed(config.run_id, options.name, "envs"))
+    progress, start = Progress(), time.monotonic()
+    deadline = start + options.max_minutes * 60 if options.max_minutes else float("inf")
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    shown = reported = 0.0
+
+    def step(batch_size: int) -> None:
+        if stop.is_set():
+            raise Stopped
+        epoch = opt.local_epoch
+        opt.step(batch_size=batch_size)
+        if options.save_params and opt.local_epoch != epoch:  # right after a global step
+            snapshots[opt.local_epoch] = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
+            for old in sorted(snapshots)[:-3]:
+                del snapshots[old]
+
+    try:
+        while not stop.is_set() and time.monotonic() < deadline:
+            train_rollout(policy, config, collector, step, progress, (config.run_id, options.name),
+                          minibatch_for(device, config), actor)
+            now = time.monotonic()
+            rate = progress.samples / max(now - start, 1e-9)
+            if now - reported >= 1.0:
+                reported = now
+                report(client, options.name, opt.local_epoch, progress, rate)
+            line = (f"epoch {opt.local_epoch} | {rate:,.0f} samples/s | contributed {progress.samples:,} samples, "
+                    f"{progress.env_steps:,} env steps | mean return {_fmt(progress.mean_return())}")
+            if options.live_status:
+                sys.stderr.write("\r" + line.ljust(100))
+                sys.stderr.flush()
+            elif now - shown >= 10.0:
+                shown = now
+                logger.info(line)
+    except Stopped:
+        pass
+    finally:
+        collector.close()
+        if options.live_status:
+            sys.stderr.write("\n")
+        if options.save_params:
+            torch.save(snapshots, options.save_params)
+
+
+def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress, rate: float) -> None:
+    mean = progress.mean_return()
+    try:
+        client.report(pb.ReportRequest(peer_name=name, epoch=epoch, env_steps=progress.env_steps,
+                                       samples=progress.samples, mean_return=mean or 0.0, samples_per_second=rate))
+    except grpc.RpcError as e:  # the coordinator may be restarting; training goes on
+        logger.warning("report to the coordinator failed: %s", describe_error(e))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

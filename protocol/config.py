@@ -1,0 +1,166 @@
+"""RunConfig: the one configuration of a training run, handed by the coordinator to every peer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+SyncMode = Literal["grad", "local"]
+Compression = Literal["none", "float16", "uint8", "blockwise8bit", "powersgd"]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str = "hivegym-cartpole"
+    """Name of the run; prefixes every hivemind key, so two runs on one DHT never mix."""
+    env_id: str = "CartPole-v1"
+    """Gymnasium environment id (discrete or Box action space, vector observations)."""
+    hidden_width: int = 64
+    """Width of each hidden layer of the actor and critic MLPs."""
+    hidden_layers: int = 2
+    """Number of hidden layers of the actor and critic MLPs."""
+    seed: int = 0
+    """Base seed: initial weights and every peer's environment seeds derive from it."""
+
+    num_envs: int = 8
+    """Vector environments per peer (gymnasium SyncVectorEnv)."""
+    rollout_steps: int = 32
+    """Steps per environment in one rollout; a rollout is num_envs * rollout_steps samples."""
+    update_epochs: int = 10
+    """PPO passes over each rollout."""
+    minibatch_size: int = 128
+    """Samples per local gradient computation (hivemind step)."""
+    learning_rate: float = 3e-3
+    """Adam learning rate."""
+    gamma: float = 0.98
+    """Discount factor."""
+    gae_lambda: float = 0.8
+    """GAE lambda."""
+    clip_coef: float = 0.2
+    """PPO surrogate clipping range."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.5
+    """Local gradients are clipped to this L2 norm before they are averaged."""
+
+    sync_mode: SyncMode = "local"
+    """'grad': average gradients every global step; 'local': local Adam steps, average parameters every epoch."""
+    target_batch_size: int = 16384
+    """Samples (counted per gradient computation) the whole swarm accumulates per epoch."""
+    compression: Compression = "float16"
+    """Codec for averaged tensors: none, float16, uint8, blockwise8bit, powersgd."""
+    powersgd_rank: int = 4
+    """Rank of the PowerSGD approximation (compression='powersgd', sync_mode='grad' only)."""
+
+    matchmaking_time: float = 0.5
+    """Seconds hivemind waits to gather peers into an averaging group."""
+    averaging_timeout: float = 10.0
+    """Seconds before an averaging round is abandoned; a dead peer costs at most this."""
+    load_state_timeout: float = 30.0
+    """Seconds to download the swarm's state when joining or after falling behind."""
+    rpc_timeout: float = 5.0
+    """Seconds each gRPC call to the coordinator may take."""
+    rpc_retries: int = 3
+    """Attempts of a gRPC call to the coordinator before giving up (exponential backoff)."""
+
+    eval_every: int = 2
+    """The coordinator evaluates the policy every this many epochs."""
+    eval_episodes: int = 10
+    """Episodes per evaluation (deterministic actions, fixed seeds)."""
+    eval_seed: int = 1_000_000
+    """Seed of the first evaluation episode; episode i uses eval_seed + i."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        positive = ["hidden_width", "hidden_layers", "num_envs", "rollout_steps", "update_epochs",
+                    "minibatch_size", "target_batch_size", "powersgd_rank", "rpc_retries", "eval_every",
+                    "eval_episodes", "learning_rate", "matchmaking_time", "averaging_timeout",
+                    "load_state_timeout", "rpc_timeout", "max_grad_norm"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ["gamma", "gae_lambda", "clip_coef"]:
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        for name in ["ent_coef", "vf_coef"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.compression == "powersgd" and self.sync_mode != "grad":
+            raise ConfigError("compression='powersgd' needs sync_mode='grad' (it compresses gradients)")
+        if not self.run_id.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"run_id must be letters, digits, '-' or '_', got {self.run_id!r}")
+
+    @property
+    def rollout_size(self) -> int:
+        return self.num_envs * self.rollout_steps
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return from_dict(data)
+
+
+def from_dict(data: Any) -> RunConfig:
+    """Build a RunConfig, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a table of keys, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+    return RunConfig(**data)
+
+
+def load(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (flat keys) and apply `key=value` overrides; values parse as TOML literals."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        try:
+            data[key] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            data[key] = text.strip()  # a bare word is a string: --set env_id=Acrobot-v1
+    return from_dict(data)
+
+
+def _check_types(config: RunConfig) -> None:
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            if value not in typing.get_args(hint):
+                choices = ", ".join(map(str, typing.get_args(hint)))
+                raise ConfigError(f"{f.name} must be one of {choices}; got {value!r}")
+            continue
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, f.name, float(value))
+            continue
+        if type(value) is not hint:
+            raise ConfigError(f"{f.name} must be {hint.__name__}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,122 @@
+"""The coordinator's gRPC contract: method names, size limits, request validation and a client.
+
+hivegym_pb2.py is generated from hivegym.proto:
+    python -m grpc_tools.protoc -I protocol --python_out=protocol protocol/hivegym.proto
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from hivegym.protocol import hivegym_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+SERVICE = "hivegym.Coordinator"
+MAX_REQUEST_BYTES = 16 * 1024  # every request is a few hundred bytes; larger ones are refused
+MAX_TRANSPORT_BYTES = 1024 * 1024  # gRPC refuses anything larger before our handlers see it
+PEER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DEVICES = ("cpu", "cuda", "mps")
+
+REQUEST_TYPES: dict[str, type[Message]] = {
+    "Join": pb.JoinRequest,
+    "Report": pb.ReportRequest,
+    "Status": pb.StatusRequest,
+}
+REPLY_TYPES: dict[str, type[Message]] = {
+    "Join": pb.JoinReply,
+    "Report": pb.ReportReply,
+    "Status": pb.StatusReply,
+}
+
+M = TypeVar("M", bound=Message)
+
+
+class BadRequest(ValueError):
+    """A request that must be answered with INVALID_ARGUMENT; the message says what is wrong."""
+
+
+def parse_request(method: str, data: bytes) -> Message:
+    """Decode and validate raw request bytes for `method`, or raise BadRequest."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"{method} request is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}")
+    try:
+        request = REQUEST_TYPES[method].FromString(data)
+    except DecodeError as e:
+        raise BadRequest(f"{method} request is not a valid {REQUEST_TYPES[method].__name__}: {e}") from None
+    if isinstance(request, pb.JoinRequest):
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise BadRequest(f"protocol_version {request.protocol_version} is not supported (this coordinator "
+                             f"speaks {PROTOCOL_VERSION}); upgrade hivegym")
+        _check_name(request.peer_name)
+        if request.device not in DEVICES:
+            raise BadRequest(f"device must be one of {', '.join(DEVICES)}, got {request.device[:32]!r}")
+    elif isinstance(request, pb.ReportRequest):
+        _check_name(request.peer_name)
+        for field in ("mean_return", "samples_per_second"):
+            if not math.isfinite(getattr(request, field)):
+                raise BadRequest(f"{field} must be finite")
+        if request.samples_per_second < 0:
+            raise BadRequest("samples_per_second must be >= 0")
+    return request
+
+
+def _check_name(name: str) -> None:
+    if not PEER_NAME.match(name):
+        raise BadRequest(f"peer_name must be 1-64 characters of A-Z a-z 0-9 . _ -, got {name[:80]!r}")
+
+
+class CoordinatorClient:
+    """Synchronous client; every call has a deadline and bounded retries with exponential backoff."""
+
+    def __init__(self, address: str, timeout: float = 5.0, retries: int = 3):
+        self.address, self.timeout, self.retries = address, timeout, retries
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
+                                                                MAX_TRANSPORT_BYTES)])
+        self._calls = {
+            name: self.channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=lambda m: m.SerializeToString(),
+                                           response_deserializer=REPLY_TYPES[name].FromString)
+            for name in REQUEST_TYPES
+        }
+
+    def call(self, method: str, request: Message, retries: int | None = None) -> Message:
+        """Call `method`; retries UNAVAILABLE and DEADLINE_EXCEEDED, raises grpc.RpcError after the last try."""
+        attempts = self.retries if retries is None else retries
+        for attempt in range(attempts):
+            try:
+                return self._calls[method](request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                retriable = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retriable or attempt == attempts - 1:
+                    raise
+                delay = min(0.5 * 2**attempt, 5.0)
+                logger.debug("%s to %s failed (%s); retrying in %.1fs", method, self.address, e.code().name, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def join(self, peer_name: str, device: str) -> pb.JoinReply:
+        return self.call("Join", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, peer_name=peer_name,
+                                                device=device))
+
+    def report(self, request: pb.ReportRequest) -> pb.ReportReply:
+        return self.call("Report", request, retries=1)  # the next report supersedes a lost one
+
+    def status(self) -> pb.StatusReply:
+        return self.call("Status", pb.StatusRequest())
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def describe_error(e: grpc.RpcError) -> str:
+    """One line for a failed call, e.g. 'UNAVAILABLE: failed to connect to all addresses'."""
+    details = (e.details() or "").splitlines()[0] if e.details() else ""
+    return f"{e.code().name}: {details}" if details else e.code().name
