@@ -63,14 +63,16 @@ class Launch:
             state = SwarmState(self.config.to_json(), maddrs)
             server, port = start_server(state, self.options.host, self.options.port)
             address = f"{self.options.advertise_host}:{port}"
+            (self.options.run_dir / "coordinator.json").write_text(json.dumps({"grpc": address, "maddrs": maddrs}))
             logger.info("trusted peer listening on %s", " ".join(maddrs))
             logger.info("gRPC server on %s:%d; join with:\n    hivegym-join --coordinator %s",
                         self.options.host, port, address)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: self.stop.set())
             for i in range(self.options.local_peers):
-                self.peers.append(local_peers.LocalPeer(f"local-{i}", f"127.0.0.1:{port}",
-                                                        self.options.run_dir / f"peer-{i}.log"))
+                self.peers.append(local_peers.LocalPeer(
+                    f"local-{i}", f"127.0.0.1:{port}", self.options.run_dir / f"peer-{i}.log",
+                    ["--save-params", str(self.options.run_dir / f"peer-{i}.params.pt")]))
             self.loop(trusted, state, evaluator)
         finally:
             local_peers.stop_all(self.peers)

@@ -80,8 +80,14 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_descendants() -> None:
-    """Last resort at exit: no hivemind helper process (p2pd, averagers) outlives the coordinator."""
+    """Last resort at exit: no hivemind helper process (p2pd, averagers) outlives the coordinator.
+    torch's shared-memory manager is spared: torch aborts at exit if it is gone, and it leaves by itself."""
     for pid in descendants(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().startswith("torch_shm"):
+                continue
+        except OSError:
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: small networks run fastest single-threaded)")
     parser.add_argument("--save-params", metavar="FILE", default=None,
-                        help="on exit, write the parameters held right after each of the last 3 global steps")
+                        help="on exit, write {epoch: parameters} at the start and right after each of the last 3 global steps")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(options)
     except JoinFailed as e:
-        print(f"hivegym-join: {e}", file=sys.stderr)
+        print(f"hivegym-join: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -114,7 +114,8 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
     collector = Collector(config.env_id, config.num_envs, derive_seed(config.run_id, options.name, "envs"))
     progress, start = Progress(), time.monotonic()
     deadline = start + options.max_minutes * 60 if options.max_minutes else float("inf")
-    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    # {epoch: parameters right after the step that reached it}; the first entry is the starting state
+    snapshots = {opt.local_epoch: _cpu_copy(policy)}
     shown = reported = 0.0
 
     def step(batch_size: int) -> None:
@@ -123,8 +124,8 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
         epoch = opt.local_epoch
         opt.step(batch_size=batch_size)
         if options.save_params and opt.local_epoch != epoch:  # right after a global step
-            snapshots[opt.local_epoch] = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
-            for old in sorted(snapshots)[:-3]:
+            snapshots[opt.local_epoch] = _cpu_copy(policy)
+            for old in sorted(snapshots)[1:-3]:  # keep the start and the last three
                 del snapshots[old]
 
     try:
@@ -161,6 +162,10 @@ def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress,
                                        samples=progress.samples, mean_return=mean or 0.0, samples_per_second=rate))
     except grpc.RpcError as e:  # the coordinator may be restarting; training goes on
         logger.warning("report to the coordinator failed: %s", describe_error(e))
+
+
+def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _fmt(value: float | None) -> str:

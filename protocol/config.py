@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ class RunConfig:
         for name in ["gamma", "gae_lambda", "clip_coef"]:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ["ent_coef", "vf_coef"]:
+        for name in ["ent_coef", "vf_coef", "eval_seed"]:  # gymnasium refuses negative seeds
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.compression == "powersgd" and self.sync_mode != "grad":
@@ -164,3 +165,5 @@ def _check_types(config: RunConfig) -> None:
             continue
         if type(value) is not hint:
             raise ConfigError(f"{f.name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        if hint is float and not math.isfinite(value):  # nan slips through every range check below
+            raise ConfigError(f"{f.name} must be finite, got {value!r}")

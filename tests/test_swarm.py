@@ -1,0 +1,114 @@
+"""End-to-end swarms: real coordinator and peer processes, real DHT, real gRPC, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hivegym.protocol.config import RunConfig
+from hivegym.protocol.policy import build_policy
+from procs import Proc, start_coordinator, start_peer, status, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_local_peers_solve_cartpole(tmp_path):
+    """The README's main command: a coordinator with two local peers reaches 475 and exits 0."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "hivegym.coordinator.cli", "--local-peers", "2", "--target-return", "475",
+         "--max-minutes", "6", "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=480,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["reached"] and summary["eval_return"] >= 475
+    assert summary["env_steps"] > 0 and summary["epoch"] > 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and {"time", "epoch", "env_steps", "samples_per_second", "peers", "eval_return"} <= rows[-1].keys()
+    assert json.loads((run_dir / "summary.json").read_text())["reached"] is True
+
+    # both peers hold the same parameters right after the last global step they both took
+    peers = [torch.load(run_dir / f"peer-{i}.params.pt", weights_only=True) for i in range(2)]
+    common = sorted(set(peers[0]) & set(peers[1]))
+    assert common and common[-1] > 0, f"no common epoch: {list(peers[0])} vs {list(peers[1])}"
+    difference = max_difference(peers[0][common[-1]], peers[1][common[-1]])
+    initial = build_policy("CartPole-v1", 64, 2, 0).state_dict()
+    assert max_difference(peers[0][common[-1]], initial) > 0.1  # they did train
+    assert difference < 1e-3, f"peers differ by {difference} at epoch {common[-1]}"
+
+
+def test_sigkill_one_of_three_peers(tmp_path):
+    coordinator, address = start_coordinator(tmp_path, "--max-minutes", "6")
+    peers = [start_peer(tmp_path, address, f"p{i}") for i in range(3)]
+    try:
+        wait_for(lambda: status(address).live_peers == 3 and status(address).epoch >= 3, 180, "3 peers, epoch 3")
+        peers[0].kill_group(signal.SIGKILL)  # the whole peer dies at once, mid-whatever it was doing
+        killed_at = status(address).epoch
+        wait_for(lambda: status(address).epoch >= killed_at + 3, 90, "epochs to advance after the kill")
+        wait_for(lambda: status(address).live_peers == 2, 30, "the dead peer to drop out of the live count")
+        survivors = status(address).epoch
+        time.sleep(5)
+        assert status(address).epoch > survivors, "the two survivors stopped advancing"
+    finally:
+        for p in peers:
+            p.stop()
+        coordinator.stop()
+
+
+def test_late_joiner_starts_from_swarm_state(tmp_path):
+    coordinator, address = start_coordinator(tmp_path, "--max-minutes", "6")
+    first = start_peer(tmp_path, address, "early")
+    late: Proc | None = None
+    try:
+        wait_for(lambda: status(address).epoch >= 5, 180, "epoch 5")
+        late = start_peer(tmp_path, address, "late", "--save-params", str(tmp_path / "late.pt"))
+        wait_for(lambda: "loaded the swarm's state" in late.text(), 90, "the late peer to load state")
+        late.stop()
+        snapshots = torch.load(tmp_path / "late.pt", weights_only=True)
+        start_epoch = min(snapshots)
+        assert start_epoch >= 5, f"late peer started at epoch {start_epoch}"
+        initial = build_policy(RunConfig().env_id, 64, 2, 0).state_dict()
+        assert max_difference(snapshots[start_epoch], initial) > 0.05, "late peer started from scratch"
+    finally:
+        if late is not None:
+            late.stop()
+        first.stop()
+        coordinator.stop()
+
+
+def test_sigterm_stops_everything_within_10s(tmp_path):
+    coordinator, address = start_coordinator(tmp_path, "--local-peers", "2")
+    wait_for(lambda: status(address).live_peers == 2, 120, "two local peers")
+    pids = descendants(coordinator.popen.pid)
+    started = time.monotonic()
+    coordinator.popen.send_signal(signal.SIGTERM)
+    coordinator.popen.wait(timeout=15)
+    elapsed = time.monotonic() - started
+    wait_for(lambda: not [p for p in pids if alive(p)], 3, "all processes to be gone", interval=0.1)
+    coordinator.stop()
+    assert elapsed < 10, f"shutdown took {elapsed:.1f}s"
+
+
+def descendants(pid: int) -> list[int]:
+    from hivegym.coordinator.local_peers import descendants as find
+
+    return find(pid)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
