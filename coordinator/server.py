@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 LIVE_WINDOW_S = 5.0  # a volunteer that has not reported for this long is not counted as live
 MAX_PEERS = 10_000  # volunteers remembered at once; joins beyond this are refused
+UINT64_MAX = 2**64 - 1  # peers report uint64 counters; their sum saturates here instead of failing Status
 
 
 @dataclass
@@ -95,7 +96,7 @@ class CoordinatorService:
             s = self.state
             return pb.StatusReply(
                 epoch=s.epoch, live_peers=len(s.live_peers(now)), samples_per_second=s.samples_per_second(now),
-                env_steps=s.env_steps(), has_eval=s.last_eval_return is not None,
+                env_steps=min(s.env_steps(), UINT64_MAX), has_eval=s.last_eval_return is not None,
                 last_eval_return=s.last_eval_return or 0.0, last_eval_epoch=s.last_eval_epoch,
                 uptime_s=now - s.started,
             )
