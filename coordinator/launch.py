@@ -86,14 +86,20 @@ class Launch:
         return self.summary(trusted, state)
 
     def loop(self, trusted: TrustedPeer, state: SwarmState, evaluator: ProcessPoolExecutor) -> None:
+        """Train the trusted peer; after every one of its optimizer steps, do the coordinator's bookkeeping
+        (a step can wait for a whole averaging round, so a rollout is too coarse a tick)."""
         deadline = self.started + self.options.max_minutes * 60 if self.options.max_minutes else float("inf")
         pending: Future | None = None
-        pending_epoch, logged_epoch, last_eval_epoch = 0, 0, 0
-        while not self.stop.is_set():
+        pending_epoch = logged_epoch = last_eval_epoch = 0
+
+        def after_step() -> bool:
+            """Returns True when the run is over."""
+            nonlocal pending, pending_epoch, logged_epoch, last_eval_epoch
+            if self.stop.is_set():
+                return True
             if time.monotonic() > deadline:
                 logger.warning("no target reached within --max-minutes %s", self.options.max_minutes)
-                return
-            trusted.train_once(self.stop.is_set)
+                return True
             epoch = trusted.epoch
             with state.lock:
                 state.epoch = epoch
@@ -109,13 +115,17 @@ class Launch:
                 pending = None
                 if self.options.target_return is not None and state.last_eval_return >= self.options.target_return:
                     self.reached = True
-                    return
+                    return True
             if pending is None and epoch >= last_eval_epoch + self.config.eval_every:
                 pending, pending_epoch, last_eval_epoch = (
                     evaluator.submit(evaluate_snapshot, self.config.to_json(), trusted.snapshot()), epoch, epoch)
             if epoch > logged_epoch:
                 logged_epoch = epoch
                 self.log_epoch(state)
+            return False
+
+        while not trusted.train_once(after_step):
+            pass
 
     def log_epoch(self, state: SwarmState) -> None:
         now = time.monotonic()
@@ -135,6 +145,8 @@ class Launch:
                   "env_steps": state.env_steps() if state else 0,
                   "eval_return": state.last_eval_return if state else None,
                   "epoch": trusted.epoch if trusted else 0}
-        (self.options.run_dir / "summary.json").write_text(json.dumps(
-            {**result, "run_dir": str(self.options.run_dir), "config": json.loads(self.config.to_json())}, indent=2))
+        first = None if state is None or state.first_report is None else round(state.first_report - self.started, 2)
+        details = {**result, "first_report_s": first, "run_dir": str(self.options.run_dir),
+                   "config": json.loads(self.config.to_json())}
+        (self.options.run_dir / "summary.json").write_text(json.dumps(details, indent=2))
         return result

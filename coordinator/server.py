@@ -40,6 +40,7 @@ class SwarmState:
     run_config_json: str
     bootstrap_maddrs: list[str]
     started: float = field(default_factory=time.monotonic)
+    first_report: float | None = None  # monotonic time of the first volunteer Report (training has begun)
     epoch: int = 0
     own_env_steps: int = 0
     retired_env_steps: int = 0  # env steps of peers that re-joined under the same name
@@ -86,6 +87,8 @@ class CoordinatorService:
             if request.env_steps < peer.env_steps or request.samples < peer.samples:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "cumulative env_steps and samples cannot decrease")
             peer.last_seen = time.monotonic()
+            if self.state.first_report is None:
+                self.state.first_report = peer.last_seen
             peer.epoch, peer.env_steps, peer.samples = request.epoch, request.env_steps, request.samples
             peer.mean_return, peer.samples_per_second = request.mean_return, request.samples_per_second
         return pb.ReportReply()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -42,15 +43,21 @@ class TrustedPeer:
     def maddrs(self) -> list[str]:
         return swarm.visible_maddrs(self.dht)
 
-    def train_once(self, should_stop) -> None:
-        """One small rollout and its PPO passes; each optimizer step may join an averaging round."""
+    def train_once(self, after_step: Callable[[], bool]) -> bool:
+        """One small rollout and its PPO passes; each optimizer step may join an averaging round.
+        after_step() runs after every step; once it returns True the rollout ends and so does this (True)."""
+        done = False
+
         def step(batch_size: int) -> None:
-            if not should_stop():
+            nonlocal done
+            if not done:
                 self.opt.step(batch_size=batch_size)
                 time.sleep(TRUSTED_STEP_PAUSE_S)
+                done = after_step()
 
         train_rollout(self.policy, self.config, self.collector, step, self.progress,
                       (self.config.run_id, "coordinator"), TRUSTED_MINIBATCH)
+        return done
 
     def samples_per_second(self) -> float:
         return self.progress.samples / max(time.monotonic() - self.started, 1e-9)
