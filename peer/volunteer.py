@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
 import sys
 import threading
@@ -70,7 +71,8 @@ def minibatch_for(device: torch.device, config: RunConfig) -> int:
 
 def run(options: VolunteerOptions) -> int:
     device = pick_device(options.device)
-    client = CoordinatorClient(options.coordinator)
+    # the run's own timeouts arrive with Join; until then the config's defaults apply
+    client = CoordinatorClient(options.coordinator, RunConfig.rpc_timeout, RunConfig.rpc_retries)
     try:
         reply = client.join(options.name, device.type)
     except grpc.RpcError as e:
@@ -116,7 +118,10 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
     deadline = start + options.max_minutes * 60 if options.max_minutes else float("inf")
     # {epoch: parameters right after the step that reached it}; the first entry is the starting state
     snapshots = {opt.local_epoch: _cpu_copy(policy)}
+    if options.save_params:
+        _save_atomically(snapshots, options.save_params)
     shown = reported = 0.0
+    reporting = True  # False while the coordinator does not answer; logged once per outage
 
     def step(batch_size: int) -> None:
         if stop.is_set():
@@ -127,6 +132,7 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
             snapshots[opt.local_epoch] = _cpu_copy(policy)
             for old in sorted(snapshots)[1:-3]:  # keep the start and the last three
                 del snapshots[old]
+            _save_atomically(snapshots, options.save_params)  # a peer killed later still leaves its file
 
     try:
         while not stop.is_set() and time.monotonic() < deadline:
@@ -136,7 +142,11 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
             rate = progress.samples / max(now - start, 1e-9)
             if now - reported >= 1.0:
                 reported = now
-                report(client, options.name, opt.local_epoch, progress, rate)
+                ok = report(client, options.name, opt.local_epoch, progress, rate)
+                if ok != reporting:
+                    reporting = ok
+                    logger.log(logging.INFO if ok else logging.WARNING, "coordinator %s; training goes on",
+                               "answers again" if ok else "does not answer reports")
             line = (f"epoch {opt.local_epoch} | {rate:,.0f} samples/s | contributed {progress.samples:,} samples, "
                     f"{progress.env_steps:,} env steps | mean return {_fmt(progress.mean_return())}")
             if options.live_status:
@@ -151,17 +161,24 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
         collector.close()
         if options.live_status:
             sys.stderr.write("\n")
-        if options.save_params:
-            torch.save(snapshots, options.save_params)
 
 
-def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress, rate: float) -> None:
+def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress, rate: float) -> bool:
+    """Send cumulative progress; False if the coordinator did not take it (it may be restarting)."""
     mean = progress.mean_return()
     try:
         client.report(pb.ReportRequest(peer_name=name, epoch=epoch, env_steps=progress.env_steps,
                                        samples=progress.samples, mean_return=mean or 0.0, samples_per_second=rate))
-    except grpc.RpcError as e:  # the coordinator may be restarting; training goes on
-        logger.warning("report to the coordinator failed: %s", describe_error(e))
+        return True
+    except grpc.RpcError as e:
+        logger.debug("report failed: %s", describe_error(e))
+        return False
+
+
+def _save_atomically(obj: object, path: str) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:

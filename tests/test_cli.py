@@ -73,3 +73,23 @@ def test_join_unreachable_coordinator_fails_with_one_line():
     assert lines[0].startswith("hivegym-join:")
     assert f"127.0.0.1:{port}" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_join_unreachable_bootstrap_fails_with_one_line():
+    # a real coordinator gRPC server whose bootstrap multiaddr points at a closed port
+    from hivegym.coordinator.server import SwarmState, start_server
+    from hivegym.protocol.config import RunConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    maddr = f"/ip4/127.0.0.1/tcp/{closed}/p2p/12D3KooWGyU75bZS5iyzoCra23zBKMe3dbToFU2xLQSixMpr9vaM"
+    server, port = start_server(SwarmState(RunConfig().to_json(), [maddr]), "127.0.0.1", 0)
+    try:
+        result = run(JOIN, "--coordinator", f"127.0.0.1:{port}", timeout=60)
+    finally:
+        server.stop(grace=None)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hivegym-join:")]
+    assert len(lines) == 1 and "bootstrap" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
