@@ -91,7 +91,7 @@ class CoordinatorService:
                 self.state.first_report = peer.last_seen
             peer.epoch, peer.env_steps, peer.samples = request.epoch, request.env_steps, request.samples
             peer.mean_return, peer.samples_per_second = request.mean_return, request.samples_per_second
-        return pb.ReportReply()
+            return pb.ReportReply(epoch=self.state.epoch)
 
     def status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         now = time.monotonic()

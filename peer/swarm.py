@@ -99,7 +99,9 @@ def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig
         load_state_timeout=config.load_state_timeout, client_mode=client_mode, verbose=False,
         state_averaging_compression=compression(config.compression),
         averager_opts=dict(request_timeout=request_timeout),
-        tracker_opts=dict(min_refresh_period=0.1, max_refresh_period=1.0),
+        # a full peer must notice that the swarm reached its target well inside a client's matchmaking
+        # window, or the client's round finds no group and it ends the epoch alone
+        tracker_opts=dict(min_refresh_period=0.05, max_refresh_period=config.matchmaking_time / 3),
     )
     if config.sync_mode == "local":
         # delayed (background) averaging would still block every local step until the round ends (hivemind's
@@ -128,6 +130,19 @@ def wait_for_reducer(opt: hivemind.Optimizer, timeout: float) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def resync(opt: hivemind.Optimizer, epoch: int) -> None:
+    """Bring a client that ran ahead of the reducers back to their epoch and state.
+
+    A client whose averaging round found no group still ends its epoch; once ahead, its samples no longer
+    count towards the reducers' epoch and hivemind treats it as in sync for good. load_state_from_peers
+    refuses a donor behind the local epoch, and the tracker's cached global epoch would put the client
+    back ahead, so both are set back first."""
+    opt.state_averager.local_epoch = epoch
+    opt.tracker.global_progress.epoch = epoch
+    opt.tracker.report_local_progress(epoch, 0)
+    opt.load_state_from_peers()
 
 
 def shutdown(opt: hivemind.Optimizer | None, dht: hivemind.DHT | None) -> None:

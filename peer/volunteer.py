@@ -122,6 +122,7 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
         _save_atomically(snapshots, options.save_params)
     shown = reported = 0.0
     reporting = True  # False while the coordinator does not answer; logged once per outage
+    ahead = 0  # consecutive reports in which this peer's epoch was past the coordinator's
 
     def step(batch_size: int) -> None:
         if stop.is_set():
@@ -142,7 +143,14 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
             rate = progress.samples / max(now - start, 1e-9)
             if now - reported >= 1.0:
                 reported = now
-                ok = report(client, options.name, opt.local_epoch, progress, rate)
+                coordinator_epoch = report(client, options.name, opt.local_epoch, progress, rate)
+                ok = coordinator_epoch is not None
+                ahead = ahead + 1 if ok and opt.local_epoch > coordinator_epoch else 0
+                if ahead >= 2:  # it ended epochs without the reducer (a failed round): its samples no longer count
+                    logger.warning("epoch %d is past the coordinator's %d; reloading the swarm's state",
+                                   opt.local_epoch, coordinator_epoch)
+                    swarm.resync(opt, coordinator_epoch)
+                    ahead = 0
                 if ok != reporting:
                     reporting = ok
                     logger.log(logging.INFO if ok else logging.WARNING, "coordinator %s; training goes on",
@@ -163,16 +171,18 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
             sys.stderr.write("\n")
 
 
-def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress, rate: float) -> bool:
-    """Send cumulative progress; False if the coordinator did not take it (it may be restarting)."""
+def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress, rate: float) -> int | None:
+    """Send cumulative progress; returns the coordinator's epoch, or None if it did not answer (it may be
+    restarting; training goes on)."""
     mean = progress.mean_return()
     try:
-        client.report(pb.ReportRequest(peer_name=name, epoch=epoch, env_steps=progress.env_steps,
-                                       samples=progress.samples, mean_return=mean or 0.0, samples_per_second=rate))
-        return True
+        reply = client.report(pb.ReportRequest(peer_name=name, epoch=epoch, env_steps=progress.env_steps,
+                                               samples=progress.samples, mean_return=mean or 0.0,
+                                               samples_per_second=rate))
+        return reply.epoch
     except grpc.RpcError as e:
         logger.debug("report failed: %s", describe_error(e))
-        return False
+        return None
 
 
 def _save_atomically(obj: object, path: str) -> None:

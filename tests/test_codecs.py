@@ -36,8 +36,8 @@ def test_codec_in_real_allreduce(sync_mode, codec):
     try:
         maddrs = json.loads(a.stdout.readline())["maddrs"]
         b = start(sync_mode, codec, "-5.0", *maddrs)
-        out_b, _ = b.communicate(timeout=120)
-        out_a, _ = a.communicate(timeout=120)
+        out_b, _ = b.communicate(timeout=150)
+        out_a, _ = a.communicate(timeout=150)
     finally:
         for p in (a, locals().get("b")):
             if p is not None and p.poll() is None:
