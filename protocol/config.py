@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class RunConfig:
     """Steps per environment in one rollout; a rollout is num_envs * rollout_steps samples."""
     update_epochs: int = 10
     """PPO passes over each rollout."""
-    minibatch_size: int = 128
+    minibatch_size: int = 256
     """Samples per local gradient computation (hivemind step)."""
     learning_rate: float = 3e-3
     """Adam learning rate."""
@@ -81,25 +82,38 @@ class RunConfig:
     eval_seed: int = 1_000_000
     """Seed of the first evaluation episode; episode i uses eval_seed + i."""
 
+    distill_sizes: str = "tiny=0.01,small=0.05,medium=0.2"
+    """Students to distil, NAME=FRACTION of the teacher's actor parameters, comma-separated; "" distils none."""
+    distill_margin: float = 25.0
+    """Distil when the evaluation return beats the one last distilled by this much (return units)."""
+    distill_every: int = 0
+    """Also distil every this many epochs (0: only on improvement, and at the end of a run that reached its target)."""
+    distill_iterations: int = 30
+    """Most DAgger iterations per student (each one collects and labels 1024 states, then trains)."""
+    distill_episodes: int = 20
+    """Seeded episodes (from eval_seed) on which teacher and student are compared in the manifest."""
+
     def __post_init__(self) -> None:
         _check_types(self)
         positive = ["hidden_width", "hidden_layers", "num_envs", "rollout_steps", "update_epochs",
                     "minibatch_size", "target_batch_size", "powersgd_rank", "rpc_retries", "eval_every",
                     "eval_episodes", "learning_rate", "matchmaking_time", "averaging_timeout",
-                    "load_state_timeout", "rpc_timeout", "max_grad_norm"]
+                    "load_state_timeout", "rpc_timeout", "max_grad_norm", "distill_iterations",
+                    "distill_episodes"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         for name in ["gamma", "gae_lambda", "clip_coef"]:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ["ent_coef", "vf_coef", "eval_seed"]:  # gymnasium refuses negative seeds
+        for name in ["ent_coef", "vf_coef", "eval_seed", "distill_margin", "distill_every"]:  # gymnasium refuses negative seeds
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.compression == "powersgd" and self.sync_mode != "grad":
             raise ConfigError("compression='powersgd' needs sync_mode='grad' (it compresses gradients)")
         if not self.run_id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"run_id must be letters, digits, '-' or '_', got {self.run_id!r}")
+        parse_sizes(self.distill_sizes)
 
     @property
     def rollout_size(self) -> int:
@@ -115,6 +129,24 @@ class RunConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"config is not valid JSON: {e}") from None
         return from_dict(data)
+
+
+def parse_sizes(text: str) -> dict[str, float]:
+    """'tiny=0.01,small=0.05' -> {'tiny': 0.01, 'small': 0.05}: student names and their parameter fractions."""
+    sizes: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = math.nan
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,15}", name) or name == "teacher" or name in sizes:
+            raise ConfigError(f"distill_sizes: {name!r} must be a new name of 1-16 lowercase letters and digits, "
+                              f"not 'teacher'")
+        if not 0.0 < fraction < 1.0:
+            raise ConfigError(f"distill_sizes: {item!r} must be NAME=FRACTION with 0 < FRACTION < 1")
+        sizes[name] = fraction
+    return sizes
 
 
 def from_dict(data: Any) -> RunConfig:
