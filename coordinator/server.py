@@ -1,4 +1,5 @@
-"""The coordinator's gRPC server: Join, Report and Status over a thread pool, with reflection."""
+"""The coordinator's gRPC server: Join, Report, Status and the checkpoint downloads over a thread pool, with
+reflection."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_reflection.v1alpha import reflection
 
+from hivegym.coordinator.checkpoint_service import CheckpointStore
 from hivegym.protocol import hivegym_pb2 as pb
-from hivegym.protocol.rpc import MAX_TRANSPORT_BYTES, REQUEST_TYPES, SERVICE, BadRequest, parse_request
+from hivegym.protocol.rpc import MAX_TRANSPORT_BYTES, REQUEST_TYPES, SERVICE, STREAMING, BadRequest, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class SwarmState:
     last_eval_return: float | None = None
     last_eval_epoch: int = 0
     peers: dict[str, PeerRecord] = field(default_factory=dict)
+    checkpoints_dir: Path | None = None  # where the signed checkpoint packages are published
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def live_peers(self, now: float) -> list[PeerRecord]:
@@ -113,16 +117,17 @@ def _handler(method: str, fn):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return fn(request, context)
 
-    return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None,
-                                               response_serializer=lambda m: m.SerializeToString())
+    kind = grpc.unary_stream_rpc_method_handler if method in STREAMING else grpc.unary_unary_rpc_method_handler
+    return kind(handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
 
 
 def start_server(state: SwarmState, host: str, port: int, workers: int = 8) -> tuple[grpc.Server, int]:
     """Start the server; returns (server, bound port). Raises RuntimeError if the address cannot be bound."""
-    service = CoordinatorService(state)
+    service, store = CoordinatorService(state), CheckpointStore(state.checkpoints_dir)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES)])
-    methods = {"Join": service.join, "Report": service.report, "Status": service.status}
+    methods = {"Join": service.join, "Report": service.report, "Status": service.status,
+               "ListCheckpoints": store.list, "DownloadCheckpoint": store.download}
     assert methods.keys() == REQUEST_TYPES.keys()
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler(SERVICE, {m: _handler(m, fn) for m, fn in methods.items()})])

@@ -11,7 +11,8 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hivegym-join", description="Join a hivegym swarm as a compute peer.")
-    parser.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's gRPC address")
+    parser.add_argument("--coordinator", required=True, metavar="HOST:PORT[#KEY]",
+                        help="the coordinator's gRPC address, or the join string hivegym-launch prints")
     parser.add_argument("--name", default=None, help="this peer's name (default: hostname plus a random suffix)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where gradients are computed (default: the best one found)")
@@ -33,7 +34,14 @@ def default_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from hivegym.protocol.identity import IdentityError, parse_join
     from hivegym.protocol.logs import setup_logging
+
+    try:
+        coordinator = parse_join(args.coordinator).address
+    except IdentityError as e:
+        print(f"hivegym-join: {e}", file=sys.stderr)
+        return 2
 
     setup_logging(args.log_level)
     import torch
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from hivegym.peer.volunteer import JoinFailed, VolunteerOptions, run
 
-    options = VolunteerOptions(coordinator=args.coordinator, name=args.name or default_name(), device=args.device,
+    options = VolunteerOptions(coordinator=coordinator, name=args.name or default_name(), device=args.device,
                                client_mode=args.client_mode, max_minutes=args.max_minutes,
                                live_status=sys.stderr.isatty(), save_params=args.save_params)
     try:

@@ -106,7 +106,8 @@ class RunConfig:
         for name in ["gamma", "gae_lambda", "clip_coef"]:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ["ent_coef", "vf_coef", "eval_seed", "distill_margin", "distill_every"]:  # gymnasium refuses negative seeds
+        # gymnasium refuses negative seeds
+        for name in ["ent_coef", "vf_coef", "eval_seed", "distill_margin", "distill_every"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.compression == "powersgd" and self.sync_mode != "grad":

@@ -10,12 +10,13 @@ import logging
 import math
 import re
 import time
-from typing import TypeVar
+from typing import Iterator, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from hivegym.protocol import hivegym_pb2 as pb
+from hivegym.protocol.checkpoint import SHA256, CheckpointError, check_name
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,18 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "Join": pb.JoinRequest,
     "Report": pb.ReportRequest,
     "Status": pb.StatusRequest,
+    "ListCheckpoints": pb.ListCheckpointsRequest,
+    "DownloadCheckpoint": pb.DownloadCheckpointRequest,
 }
 REPLY_TYPES: dict[str, type[Message]] = {
     "Join": pb.JoinReply,
     "Report": pb.ReportReply,
     "Status": pb.StatusReply,
+    "ListCheckpoints": pb.ListCheckpointsReply,
+    "DownloadCheckpoint": pb.CheckpointChunk,
 }
+STREAMING = {"DownloadCheckpoint"}  # server streaming: the reply type is that of each message
+CHUNK_BYTES = 256 * 1024  # weights per CheckpointChunk, well under MAX_TRANSPORT_BYTES
 
 M = TypeVar("M", bound=Message)
 
@@ -66,6 +73,15 @@ def parse_request(method: str, data: bytes) -> Message:
                 raise BadRequest(f"{field} must be finite")
         if request.samples_per_second < 0:
             raise BadRequest("samples_per_second must be >= 0")
+    elif isinstance(request, pb.DownloadCheckpointRequest):
+        try:
+            check_name(request.name)
+        except CheckpointError as e:
+            raise BadRequest(str(e)) from None
+        if request.offset < 0:
+            raise BadRequest(f"offset must be >= 0, got {request.offset}")
+        if request.sha256 and not SHA256.match(request.sha256):
+            raise BadRequest("sha256 must be empty or 64 lowercase hex digits")
     return request
 
 
@@ -82,8 +98,9 @@ class CoordinatorClient:
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
                                                                 MAX_TRANSPORT_BYTES)])
         self._calls = {
-            name: self.channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=lambda m: m.SerializeToString(),
-                                           response_deserializer=REPLY_TYPES[name].FromString)
+            name: (self.channel.unary_stream if name in STREAMING else self.channel.unary_unary)(
+                f"/{SERVICE}/{name}", request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=REPLY_TYPES[name].FromString)
             for name in REQUEST_TYPES
         }
 
@@ -111,6 +128,14 @@ class CoordinatorClient:
 
     def status(self) -> pb.StatusReply:
         return self.call("Status", pb.StatusRequest())
+
+    def list_checkpoints(self) -> pb.ListCheckpointsReply:
+        return self.call("ListCheckpoints", pb.ListCheckpointsRequest())
+
+    def download_checkpoint(self, name: str, offset: int, sha256: str = "") -> Iterator[pb.CheckpointChunk]:
+        """One streaming attempt, with the deadline on the whole stream; the caller resumes from its offset."""
+        request = pb.DownloadCheckpointRequest(name=name, offset=offset, sha256=sha256)
+        return self._calls["DownloadCheckpoint"](request, timeout=self.timeout)
 
     def close(self) -> None:
         self.channel.close()
