@@ -114,9 +114,12 @@ def download(client, manifest: dict, part: Path, retries: int) -> bytes:
                 for chunk in client.download_checkpoint(name, offset, sha):
                     if chunk.manifest_json:
                         manifest_bytes = chunk.manifest_json.encode()
-                    if chunk.offset != offset or chunk.total_bytes != total or offset + len(chunk.data) > total:
-                        raise PullError(f"the coordinator sent bytes {chunk.offset}.. of {chunk.total_bytes} where "
-                                        f"{offset}.. of {total} were expected; nothing was saved")
+                    if chunk.total_bytes != total:
+                        raise PullError(f"the coordinator offers {chunk.total_bytes} bytes of weights for {name!r}; "
+                                        f"its manifest says {total} (a truncated or altered file); nothing was saved")
+                    if chunk.offset != offset or offset + len(chunk.data) > total:
+                        raise PullError(f"the coordinator sent bytes from {chunk.offset} where {offset} was expected, "
+                                        f"or past the end; nothing was saved")
                     out.write(chunk.data)
                     offset += len(chunk.data)
                     progress.update(offset)

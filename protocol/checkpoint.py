@@ -35,7 +35,7 @@ class CheckpointError(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name) or ".." in name:
+    if not NAME.fullmatch(name) or ".." in name:
         raise CheckpointError(f"checkpoint name must be 1-80 characters of A-Z a-z 0-9 _ . - (not starting "
                               f"with '.'), got {name[:90]!r}")
     return name
@@ -85,7 +85,7 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
         raise CheckpointError(f"manifest format {manifest['format'][:40]!r} is not {FORMAT}; upgrade hivegym")
     check_name(manifest["name"])
     weights = manifest["weights"]
-    if not isinstance(weights.get("sha256"), str) or not SHA256.match(weights["sha256"]):
+    if not isinstance(weights.get("sha256"), str) or not SHA256.fullmatch(weights["sha256"]):
         raise CheckpointError("manifest field weights.sha256 must be 64 lowercase hex digits")
     size = weights.get("bytes")
     if type(size) is not int or not 0 < size <= MAX_WEIGHTS_BYTES:

@@ -137,7 +137,7 @@ def format_join(address: str, public_key: bytes) -> str:
 def parse_join(text: str) -> JoinTarget:
     """`HOST:PORT` or `HOST:PORT#KEY`; raises IdentityError with a one-line reason."""
     address, sep, key = text.strip().partition("#")
-    match = ADDRESS.match(address)
+    match = ADDRESS.fullmatch(address)
     if not match or not 0 < int(match.group(2)) < 65536:
         raise IdentityError(f"coordinator must look like HOST:PORT or HOST:PORT#KEY, got {text[:80]!r}")
     if sep and not key:

@@ -80,13 +80,13 @@ def parse_request(method: str, data: bytes) -> Message:
             raise BadRequest(str(e)) from None
         if request.offset < 0:
             raise BadRequest(f"offset must be >= 0, got {request.offset}")
-        if request.sha256 and not SHA256.match(request.sha256):
+        if request.sha256 and not SHA256.fullmatch(request.sha256):
             raise BadRequest("sha256 must be empty or 64 lowercase hex digits")
     return request
 
 
 def _check_name(name: str) -> None:
-    if not PEER_NAME.match(name):
+    if not PEER_NAME.fullmatch(name):
         raise BadRequest(f"peer_name must be 1-64 characters of A-Z a-z 0-9 . _ -, got {name[:80]!r}")
 
 
