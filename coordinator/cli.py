@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
                         help="libp2p addresses announced to peers (for a public or NATed address)")
     parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: a fresh one in /tmp)")
+    parser.add_argument("--identity", type=Path, default=None, metavar="FILE",
+                        help="the coordinator's Ed25519 key, created (mode 0600) if missing; it signs checkpoints "
+                             "(default RUN_DIR/coordinator.key)")
     parser.add_argument("--local-peers", type=int, default=0, metavar="N", help="start N peers on this machine")
     parser.add_argument("--target-return", type=float, default=None, metavar="R",
                         help="stop and exit 0 once the evaluation's mean return reaches R")
@@ -51,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix=f"hivegym-{time.strftime('%Y%m%d-%H%M%S')}-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("hivegym").info("run directory %s", run_dir)
+    from hivegym.protocol.identity import Identity, IdentityError
+
+    try:
+        identity = Identity.load_or_create(args.identity or run_dir / "coordinator.key")
+    except IdentityError as e:
+        print(f"hivegym-launch: {e}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = LaunchOptions(host=args.host, port=args.port, run_dir=run_dir, local_peers=args.local_peers,
                             target_return=args.target_return, max_minutes=args.max_minutes,
-                            host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
+                            host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, identity=identity,
                             advertise_host=args.advertise_host or args.host)
     try:
         result = Launch(config, options).run()

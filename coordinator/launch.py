@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hivegym.coordinator import local_peers
+from hivegym.coordinator.distiller import Distiller
 from hivegym.coordinator.server import SwarmState, start_server
 from hivegym.coordinator.trusted_peer import TrustedPeer, evaluate_snapshot, warm_up
+from hivegym.distill.package import summary as checkpoint_summary
 from hivegym.protocol.config import RunConfig
+from hivegym.protocol.identity import Identity, encode_key, format_join
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class LaunchOptions:
     """libp2p addresses the trusted peer tells others to dial (a public address)."""
     advertise_host: str
     """Host name or address that peers use to reach the gRPC server (printed in the join command)."""
+    identity: Identity
+    """The coordinator's Ed25519 key: signs checkpoints; its public half is in the join string."""
 
 
 class Launch:
@@ -50,6 +55,7 @@ class Launch:
         self.peers: list[local_peers.LocalPeer] = []
         self.metrics = open(options.run_dir / "metrics.jsonl", "a")
         self.started = time.monotonic()
+        self.distiller = Distiller(config, options.run_dir / "checkpoints", options.identity)
 
     def run(self) -> dict:
         # hivemind first, gRPC after: gRPC then has no threads when hivemind forks (HIVEMIND_NOTES)
@@ -60,13 +66,16 @@ class Launch:
         try:
             trusted = TrustedPeer(self.config, self.options.host_maddrs or None, self.options.announce_maddrs or None)
             maddrs = trusted.maddrs()
-            state = SwarmState(self.config.to_json(), maddrs)
+            state = SwarmState(self.config.to_json(), maddrs, checkpoints_dir=self.options.run_dir / "checkpoints")
             server, port = start_server(state, self.options.host, self.options.port)
             address = f"{self.options.advertise_host}:{port}"
-            (self.options.run_dir / "coordinator.json").write_text(json.dumps({"grpc": address, "maddrs": maddrs}))
+            join = format_join(address, self.options.identity.public_key)
+            info = {"grpc": address, "maddrs": maddrs, "public_key": encode_key(self.options.identity.public_key),
+                    "join": join}
+            (self.options.run_dir / "coordinator.json").write_text(json.dumps(info))
             logger.info("trusted peer listening on %s", " ".join(maddrs))
             logger.info("gRPC server on %s:%d; join with:\n    hivegym-join --coordinator %s",
-                        self.options.host, port, address)
+                        self.options.host, port, join)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: self.stop.set())
             for i in range(self.options.local_peers):
@@ -79,6 +88,9 @@ class Launch:
             if server is not None:
                 server.stop(grace=1).wait(2)
             evaluator.shutdown(wait=False, cancel_futures=True)
+            if self.reached:
+                self.distiller.finish()
+            self.distiller.close()
             if trusted is not None:
                 trusted.shutdown()
             local_peers.kill_descendants()
@@ -90,11 +102,12 @@ class Launch:
         (a step can wait for a whole averaging round, so a rollout is too coarse a tick)."""
         deadline = self.started + self.options.max_minutes * 60 if self.options.max_minutes else float("inf")
         pending: Future | None = None
+        pending_snapshot: dict | None = None
         pending_epoch = logged_epoch = last_eval_epoch = 0
 
         def after_step() -> bool:
             """Returns True when the run is over."""
-            nonlocal pending, pending_epoch, logged_epoch, last_eval_epoch
+            nonlocal pending, pending_snapshot, pending_epoch, logged_epoch, last_eval_epoch
             if self.stop.is_set():
                 return True
             if time.monotonic() > deadline:
@@ -113,12 +126,15 @@ class Launch:
                 logger.info("evaluation at epoch %d: mean return %.1f over %d episodes", pending_epoch,
                             state.last_eval_return, len(returns))
                 pending = None
+                self.distiller.on_evaluation(pending_epoch, state.last_eval_return, pending_snapshot)
                 if self.options.target_return is not None and state.last_eval_return >= self.options.target_return:
                     self.reached = True
                     return True
             if pending is None and epoch >= last_eval_epoch + self.config.eval_every:
+                pending_snapshot = trusted.snapshot()
                 pending, pending_epoch, last_eval_epoch = (
-                    evaluator.submit(evaluate_snapshot, self.config.to_json(), trusted.snapshot()), epoch, epoch)
+                    evaluator.submit(evaluate_snapshot, self.config.to_json(), pending_snapshot), epoch, epoch)
+            self.distiller.poll(epoch, trusted.snapshot)
             if epoch > logged_epoch:
                 logged_epoch = epoch
                 self.log_epoch(state)
@@ -144,7 +160,8 @@ class Launch:
         result = {"reached": self.reached, "wall_s": round(time.monotonic() - self.started, 2),
                   "env_steps": state.env_steps() if state else 0,
                   "eval_return": state.last_eval_return if state else None,
-                  "epoch": trusted.epoch if trusted else 0}
+                  "epoch": trusted.epoch if trusted else 0,
+                  "checkpoints": checkpoint_summary(self.options.run_dir / "checkpoints")}
         first = None if state is None or state.first_report is None else round(state.first_report - self.started, 2)
         details = {**result, "first_report_s": first, "run_dir": str(self.options.run_dir),
                    "config": json.loads(self.config.to_json())}
