@@ -24,6 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="libp2p listen addresses (default /ip4/127.0.0.1/tcp/0)")
     parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
                         help="libp2p addresses announced to peers (for a public or NATed address)")
+    parser.add_argument("--dashboard-host", default="127.0.0.1",
+                        help="interface of the dashboard's HTTP server (default 127.0.0.1: this machine only)")
+    parser.add_argument("--dashboard-port", type=int, default=None, metavar="PORT",
+                        help="dashboard port (default 8080, or any free port if 8080 is taken; 0: any free port)")
+    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false", help="serve no dashboard")
     parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: a fresh one in /tmp)")
     parser.add_argument("--identity", type=Path, default=None, metavar="FILE",
                         help="the coordinator's Ed25519 key, created (mode 0600) if missing; it signs checkpoints "
@@ -37,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.local_peers < 0:
         parser.error("--local-peers must be >= 0")
+    if args.dashboard_port is not None and not 0 <= args.dashboard_port < 65536:
+        parser.error("--dashboard-port must be 0..65535")
     return args
 
 
@@ -70,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     options = LaunchOptions(host=args.host, port=args.port, run_dir=run_dir, local_peers=args.local_peers,
                             target_return=args.target_return, max_minutes=args.max_minutes,
                             host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, identity=identity,
-                            advertise_host=args.advertise_host or args.host)
+                            advertise_host=args.advertise_host or args.host, dashboard=args.dashboard,
+                            dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port)
     try:
         result = Launch(config, options).run()
     except RuntimeError as e:

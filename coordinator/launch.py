@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hivegym.coordinator import local_peers
+from hivegym.coordinator.dashboard import Dashboard
 from hivegym.coordinator.distiller import Distiller
 from hivegym.coordinator.server import SwarmState, start_server
 from hivegym.coordinator.trusted_peer import TrustedPeer, evaluate_snapshot, warm_up
@@ -45,6 +46,12 @@ class LaunchOptions:
     """Host name or address that peers use to reach the gRPC server (printed in the join command)."""
     identity: Identity
     """The coordinator's Ed25519 key: signs checkpoints; its public half is in the join string."""
+    dashboard: bool = True
+    """Serve the dashboard (an HTML page and /api/status)."""
+    dashboard_host: str = "127.0.0.1"
+    """Interface of the dashboard's HTTP server."""
+    dashboard_port: int | None = None
+    """Port of the dashboard (None: 8080, or any free port if 8080 is taken; 0: any free port)."""
 
 
 class Launch:
@@ -55,6 +62,7 @@ class Launch:
         self.peers: list[local_peers.LocalPeer] = []
         self.metrics = open(options.run_dir / "metrics.jsonl", "a")
         self.started = time.monotonic()
+        self.ended: float | None = None
         self.distiller = Distiller(config, options.run_dir / "checkpoints", options.identity)
 
     def run(self) -> dict:
@@ -62,7 +70,7 @@ class Launch:
         # evaluation runs in its own process: the trusted peer must keep stepping, or a round goes without it
         evaluator = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         evaluator.submit(warm_up)
-        trusted = server = state = None
+        trusted = server = state = dashboard = None
         try:
             trusted = TrustedPeer(self.config, self.options.host_maddrs or None, self.options.announce_maddrs or None)
             maddrs = trusted.maddrs()
@@ -72,6 +80,10 @@ class Launch:
             join = format_join(address, self.options.identity.public_key)
             info = {"grpc": address, "maddrs": maddrs, "public_key": encode_key(self.options.identity.public_key),
                     "join": join}
+            if self.options.dashboard:
+                dashboard = self.start_dashboard(state)
+                info["dashboard"] = dashboard.url
+                logger.info("dashboard on %s", info["dashboard"])
             (self.options.run_dir / "coordinator.json").write_text(json.dumps(info))
             logger.info("trusted peer listening on %s", " ".join(maddrs))
             logger.info("gRPC server on %s:%d; join with:\n    hivegym-join --coordinator %s",
@@ -83,8 +95,11 @@ class Launch:
                     f"local-{i}", f"127.0.0.1:{port}", self.options.run_dir / f"peer-{i}.log",
                     ["--save-params", str(self.options.run_dir / f"peer-{i}.params.pt")]))
             self.loop(trusted, state, evaluator)
+            self.ended = time.monotonic()  # wall_s stops here: shutdown is not part of the run
         finally:
             local_peers.stop_all(self.peers)
+            if dashboard is not None:
+                dashboard.close()
             if server is not None:
                 server.stop(grace=1).wait(2)
             evaluator.shutdown(wait=False, cancel_futures=True)
@@ -96,6 +111,13 @@ class Launch:
             local_peers.kill_descendants()
             self.metrics.close()
         return self.summary(trusted, state)
+
+    def start_dashboard(self, state: SwarmState) -> Dashboard:
+        info = {"run_id": self.config.run_id, "env_id": self.config.env_id,
+                "target_return": self.options.target_return}
+        host = self.options.dashboard_host
+        shown = self.options.advertise_host if host in ("0.0.0.0", "::", "") else host  # where a browser goes
+        return Dashboard(state, self.options.run_dir, host, self.options.dashboard_port, info, shown)
 
     def loop(self, trusted: TrustedPeer, state: SwarmState, evaluator: ProcessPoolExecutor) -> None:
         """Train the trusted peer; after every one of its optimizer steps, do the coordinator's bookkeeping
@@ -157,7 +179,7 @@ class Launch:
                     "-" if row["eval_return"] is None else f"{row['eval_return']:.1f}")
 
     def summary(self, trusted: TrustedPeer | None, state: SwarmState | None) -> dict:
-        result = {"reached": self.reached, "wall_s": round(time.monotonic() - self.started, 2),
+        result = {"reached": self.reached, "wall_s": round((self.ended or time.monotonic()) - self.started, 2),
                   "env_steps": state.env_steps() if state else 0,
                   "eval_return": state.last_eval_return if state else None,
                   "epoch": trusted.epoch if trusted else 0,

@@ -81,10 +81,12 @@ def descendants(pid: int) -> list[int]:
 
 def kill_descendants() -> None:
     """Last resort at exit: no hivemind helper process (p2pd, averagers) outlives the coordinator.
-    torch's shared-memory manager is spared: torch aborts at exit if it is gone, and it leaves by itself."""
+    torch's shared-memory manager and multiprocessing's resource tracker are spared: both leave by themselves,
+    torch aborts at exit without its manager, and a killed tracker is relaunched and prints tracebacks."""
     for pid in descendants(os.getpid()):
         try:
-            if Path(f"/proc/{pid}/comm").read_text().startswith("torch_shm"):
+            if (Path(f"/proc/{pid}/comm").read_text().startswith("torch_shm")
+                    or b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()):
                 continue
         except OSError:
             continue

@@ -1,0 +1,224 @@
+"""The dashboard: its real HTTP server next to the real gRPC server, hostile requests, a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from browser import chromium
+from hivegym.coordinator.dashboard import MAX_POINTS, Dashboard
+from hivegym.coordinator.server import SwarmState, start_server
+from hivegym.protocol import hivegym_pb2 as pb
+from hivegym.protocol.config import RunConfig
+from hivegym.protocol.rpc import CoordinatorClient
+from procs import start_coordinator, wait_for
+
+
+def metric_row(epoch: int, eval_return: float | None = None, eval_epoch: int = 0) -> str:
+    return json.dumps({"time": 1e9 + epoch, "wall_s": 3.0 * epoch, "epoch": epoch, "env_steps": 1000 * epoch,
+                       "samples_per_second": 500.0, "peers": 2, "eval_return": eval_return,
+                       "eval_epoch": eval_epoch}) + "\n"
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def status(dashboard: Dashboard) -> dict:
+    code, body = get(dashboard.url + "api/status")
+    assert code == 200, body
+    return json.loads(body)
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    """A gRPC server and a dashboard over one SwarmState, two peers joined over gRPC, a run directory."""
+    state = SwarmState(RunConfig().to_json(), ["/ip4/127.0.0.1/tcp/1/p2p/x"])
+    server, port = start_server(state, "127.0.0.1", 0)
+    client = CoordinatorClient(f"127.0.0.1:{port}", timeout=5, retries=1)
+    for name, samples in (("alice", 3000), ("bob", 1000)):
+        client.join(name, "cpu")
+        client.report(pb.ReportRequest(peer_name=name, epoch=4, env_steps=samples, samples=samples,
+                                       mean_return=42.5, samples_per_second=100.0))
+    with state.lock:
+        state.epoch = 7
+    dashboard = Dashboard(state, tmp_path, "127.0.0.1", 0, {"run_id": "test-run", "target_return": 475.0})
+    try:
+        yield dashboard
+    finally:
+        dashboard.close()
+        client.close()
+        server.stop(None)
+
+
+def test_status_reports_swarm_peers_and_history(swarm, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        metric_row(1) + metric_row(2) + metric_row(3, 20.0, 2) + metric_row(4, 20.0, 2) + metric_row(5, 90.0, 4))
+    s = status(swarm)
+    assert (s["epoch"], s["live_peers"], s["env_steps"], s["run_id"], s["target_return"]) == (7, 2, 4000,
+                                                                                             "test-run", 475.0)
+    assert [p["name"] for p in s["peers"]] == ["alice", "bob"]
+    alice = s["peers"][0]
+    assert (alice["samples"], alice["live"], alice["mean_return"]) == (3000, True, 42.5)
+    # verification fields are present before the verification work fills them in
+    assert all(alice[k] is None for k in ("audits_passed", "audits_failed", "credits", "banned"))
+    assert [h["env_steps"] for h in s["history"]] == [1000, 2000, 3000, 4000, 5000]
+    # each evaluation is placed where its snapshot was taken (epochs 2 and 4), once
+    assert s["evals"] == [{"epoch": 2, "return": 20.0, "wall_s": 6.0, "env_steps": 2000},
+                          {"epoch": 4, "return": 90.0, "wall_s": 12.0, "env_steps": 4000}]
+    assert s["checkpoints"] == [] and s["last_eval"] is None
+
+
+def test_metrics_are_read_incrementally_and_thinned(swarm, tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    assert status(swarm)["history"] == []  # no file yet
+    rows = "".join(metric_row(e) for e in range(1, 3 * MAX_POINTS))
+    metrics.write_text(rows + "not json\n" + metric_row(3 * MAX_POINTS)[:20])  # a half-written last line
+    history = status(swarm)["history"]
+    assert len(history) <= MAX_POINTS + 1 and history[-1]["env_steps"] == 1000 * (3 * MAX_POINTS - 1)
+    with open(metrics, "a") as f:
+        f.write(metric_row(3 * MAX_POINTS)[20:])  # the line completes
+    assert status(swarm)["history"][-1]["env_steps"] == 1000 * 3 * MAX_POINTS
+
+
+def test_checkpoints_from_manifests(swarm, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    manifest = {"name": "student-small", "role": "student", "size": "1%", "env_id": "CartPole-v1", "params": 1234,
+                "teacher_epoch": 40, "eval_return": 480.0, "return_share": 0.96, "signature": "x"}
+    (folder / "student-small.json").write_text(json.dumps(manifest))
+    (folder / "broken.json").write_text("{not json")
+    (folder / "nan.json").write_text('{"name": "nan", "eval_return": NaN}')
+    (folder / "huge.json").write_text(json.dumps({"name": "huge", "pad": "x" * 100_000}))
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "student-small.0123456789abcdef.pt").write_bytes(b"weights")
+    [row] = status(swarm)["checkpoints"]
+    assert row["name"] == "student-small" and row["return_share"] == 0.96 and row["params"] == 1234
+    assert row["created"] is None  # a field the manifest lacks is null, not an error
+
+
+def test_only_get_of_known_paths(swarm):
+    assert get(swarm.url)[0] == 200 and b"/api/status" in get(swarm.url)[1]
+    assert get(swarm.url + "api/status?x=1")[0] == 200
+    for path in ("nope", "api/status/", "api", "../etc/passwd", "dashboard.html", "%00"):
+        assert get(swarm.url + path)[0] == 404, path
+    request = urllib.request.Request(swarm.url + "api/status", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=10)
+    assert e.value.code == 501
+
+
+def test_garbage_from_the_network_does_not_stop_it(swarm):
+    host, port = "127.0.0.1", swarm.port
+    for junk in (b"\x00\xff" * 5000 + b"\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                 b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+                 b""):
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            while s.recv(65536):  # the server answers (or closes) and never hangs
+                pass
+    idle = socket.create_connection((host, port), timeout=5)  # a client that never sends a thing
+    try:
+        assert status(swarm)["epoch"] == 7
+    finally:
+        idle.close()
+
+
+def test_busy_port_is_a_clear_error_and_close_frees_it(tmp_path):
+    state = SwarmState("{}", [])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"cannot start the dashboard on 127.0.0.1:{port} .*--dashboard-port"):
+            Dashboard(state, tmp_path, "127.0.0.1", port, {})
+    dashboard = Dashboard(state, tmp_path, "127.0.0.1", port, {})
+    started = time.monotonic()
+    dashboard.close()
+    assert time.monotonic() - started < 2 and not dashboard.thread.is_alive()
+    Dashboard(state, tmp_path, "127.0.0.1", port, {}).close()  # the port is free again
+
+
+def test_default_port_falls_back_when_8080_is_taken(tmp_path):
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 8080))
+            taken.listen()
+        except OSError:
+            pass  # taken already, which is what this test needs
+        dashboard = Dashboard(SwarmState("{}", []), tmp_path, "127.0.0.1", None, {})
+        try:
+            assert dashboard.port != 8080 and get(dashboard.url)[0] == 200
+        finally:
+            dashboard.close()
+
+
+def test_launch_with_busy_dashboard_port_exits_with_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "hivegym.coordinator.cli", "--run-dir", str(tmp_path),
+                                 "--dashboard-port", str(port), "--log-level", "ERROR"],
+                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert f"hivegym-launch: cannot start the dashboard on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_page_renders_in_a_browser(swarm, tmp_path):
+    browser = chromium(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("".join(metric_row(e, 10.0 * e, e) for e in range(1, 8)))
+    dom = browser.dom(swarm.url)
+    assert re.search(r'id="epoch">7<', dom), dom[:2000]
+    assert chart_points(dom, "eval-time") == 7 and chart_points(dom, "eval-steps") == 7
+    assert "alice" in dom and "—" in dom  # the peer table, with the audit columns not yet known
+    browser.screenshot(swarm.url, tmp_path / "dashboard.png")
+
+
+def chart_points(dom: str, chart_id: str) -> int:
+    """Points drawn in the chart's polyline (0 if it drew none)."""
+    match = re.search(rf'<svg id="{chart_id}"[^>]*>(.*?)</svg>', dom, re.S)
+    assert match, f"no chart {chart_id}"
+    line = re.search(r'<polyline[^>]* points="([^"]*)"', match.group(1))
+    if not line:
+        return 0
+    coordinates = [tuple(map(float, p.split(","))) for p in line.group(1).split()]
+    assert all(math.isfinite(x) and math.isfinite(y) for x, y in coordinates)
+    return len(coordinates)
+
+
+@pytest.mark.slow
+def test_dashboard_of_a_real_run(tmp_path):
+    """A coordinator with one local peer: after a short run the page shows its epoch and an evaluation chart."""
+    browser = chromium(tmp_path)
+    coordinator, _ = start_coordinator(tmp_path, "--local-peers", "1", "--max-minutes", "4")
+    try:
+        url = json.loads((tmp_path / "coordinator.json").read_text())["dashboard"]
+        wait_for(lambda: len(json.loads(get(url + "api/status")[1])["evals"]) >= 2, 180, "two evaluations")
+        before = json.loads(get(url + "api/status")[1])["epoch"]
+        dom = browser.dom(url)
+        after = json.loads(get(url + "api/status")[1])["epoch"]
+        shown = int(re.search(r'id="epoch">(\d+)<', dom).group(1))
+        assert before <= shown <= after
+        assert chart_points(dom, "eval-time") >= 2 and chart_points(dom, "rate-time") >= 2
+        assert re.search(r"<td>local-0</td>", dom)
+        browser.screenshot(url, tmp_path / "dashboard.png")
+    finally:
+        coordinator.stop()
