@@ -3,9 +3,9 @@
 Each teacher is trained in one process (distill/teacher.py: this project's PPO, plain Adam) with the env's
 settings below, then distilled (DAgger) into students of 1%, 5% and 20% of its actor's parameters. Teacher
 and students are compared on the same 20 seeded episodes. The teacher is wider than a run's default policy
-(256 instead of 64 units per layer): a 5% student of a 64-wide actor is 11 units wide, and at batch 1 the
-per-call overhead of torch hides any difference in compute. Writes benchmarks/results/distill.json and
-distill.png (return share against parameter share).
+(256 instead of 64 units per layer, `--teacher-width` to change): a 5% student of a 64-wide actor is 11
+units wide, and at batch 1 the per-call overhead of torch hides any difference in compute. Writes
+benchmarks/results/distill.json and distill.png (return share against parameter share).
 
     python benchmarks/distill.py            # teachers trained longer, 30 DAgger iterations
     python benchmarks/distill.py --quick    # a few minutes: short teacher training, 12 iterations
@@ -32,7 +32,6 @@ from hivegym.protocol.policy import parameter_count
 
 RESULTS = Path(__file__).with_name("results")
 SIZES = {"tiny": 0.01, "small": 0.05, "medium": 0.2}
-TEACHER = {"hidden_width": 256, "hidden_layers": 2}
 # per env: RunConfig overrides, target return, env steps (full, quick)
 ENVS = {
     "CartPole-v1": ({"learning_rate": 1e-3}, 475.0, (200_000, 100_000)),
@@ -57,6 +56,16 @@ def latency_us(actor: Actor, repeats: int = 2000) -> float:
     return float(np.median(runs))
 
 
+@torch.inference_mode()
+def batch_us(actor: Actor, batch: int = 4096, repeats: int = 20) -> float:
+    """Time per observation in a batch of 4096 (throughput rather than latency: compute, not call overhead)."""
+    obs = torch.randn(batch, actor.obs_dim)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        actor.act_deterministic(obs)
+    return (time.perf_counter() - start) / repeats / batch * 1e6
+
+
 def unavailable(env_id: str) -> str | None:
     import gymnasium as gym
 
@@ -67,30 +76,32 @@ def unavailable(env_id: str) -> str | None:
         return f"cannot run here: {str(e).splitlines()[0]} (pip install 'hivegym[bench]')"
 
 
-def bench_env(env_id: str, quick: bool) -> dict:
+def bench_env(env_id: str, quick: bool, teacher_width: int) -> dict:
     overrides, target, budgets = ENVS[env_id]
-    config = dataclasses.replace(RunConfig(), env_id=env_id, eval_every=10, **TEACHER, **overrides)
+    overrides = {**overrides, "hidden_width": teacher_width, "hidden_layers": 2}
+    config = dataclasses.replace(RunConfig(), env_id=env_id, eval_every=10, **overrides)
     policy, trained = train_teacher(config, target, budgets[1] if quick else budgets[0])
     teacher = Actor.from_teacher(policy)
     settings = Settings(iterations=12 if quick else 30, eval_episodes=20, seed=1)
     result = distill(teacher, env_id, SIZES, settings)
-    teacher_latency = latency_us(teacher)
+    teacher_latency, teacher_batch = latency_us(teacher), batch_us(teacher)
     teacher_mean = float(np.mean(result.teacher_returns))
     students = []
     for r in result.results:
-        latency = latency_us(r.student)
+        latency, per_sample = latency_us(r.student), batch_us(r.student)
         students.append({"size": r.name, "fraction": SIZES[r.name], "width": width_for(SIZES[r.name], teacher),
                          "params": parameter_count(r.student),
                          "param_share": parameter_count(r.student) / parameter_count(teacher),
                          "mean_return": r.mean, "return_share": result.share(r.returns),
                          "return_ratio": r.mean / teacher_mean if teacher_mean else None,
                          "latency_us": latency, "speedup": teacher_latency / latency,
+                         "batch4096_us": per_sample, "batch_speedup": teacher_batch / per_sample,
                          "distill_wall_s": r.wall_s, "iterations": r.iterations})
     return {"env_id": env_id, "teacher": {
-        "config": {**TEACHER, **overrides}, "train_env_steps": trained["env_steps"],
+        "config": overrides, "train_env_steps": trained["env_steps"],
         "train_wall_s": trained["wall_s"], "target_return": target, "params": parameter_count(teacher),
         "mean_return": teacher_mean, "random_mean_return": float(np.mean(result.random_returns)),
-        "latency_us": teacher_latency}, "students": students}
+        "latency_us": teacher_latency, "batch4096_us": teacher_batch}, "students": students}
 
 
 def targets(rows: list[dict]) -> dict:
@@ -109,18 +120,19 @@ def targets(rows: list[dict]) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'env':16} {'size':8} {'params':>7} {'of teacher':>10} {'return':>9} {'share':>7} {'latency µs':>11} "
-          f"{'speedup':>8} {'distil s':>9}")
+          f"{'speedup':>8} {'batch sp.':>9} {'distil s':>9}")
     for row in rows:
         if "students" not in row:
             print(f"{row['env_id']:16} {row['error']}")
             continue
         t = row["teacher"]
         print(f"{row['env_id']:16} {'teacher':8} {t['params']:>7} {'100.0%':>10} {t['mean_return']:>9.1f} "
-              f"{'100.0%':>7} {t['latency_us']:>11.1f} {'1.0x':>8} {'':>9}")
+              f"{'100.0%':>7} {t['latency_us']:>11.1f} {'1.0x':>8} {'1.0x':>9} {'':>9}")
         for s in row["students"]:
             share = "-" if s["return_share"] is None else f"{100 * s['return_share']:.1f}%"
             print(f"{'':16} {s['size']:8} {s['params']:>7} {100 * s['param_share']:>9.1f}% {s['mean_return']:>9.1f} "
-                  f"{share:>7} {s['latency_us']:>11.1f} {s['speedup']:>7.1f}x {s['distill_wall_s']:>9.1f}")
+                  f"{share:>7} {s['latency_us']:>11.1f} {s['speedup']:>7.1f}x {s['batch_speedup']:>8.1f}x "
+                  f"{s['distill_wall_s']:>9.1f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -149,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short teacher training and 12 DAgger iterations")
     parser.add_argument("--envs", nargs="*", default=list(ENVS), choices=list(ENVS))
+    parser.add_argument("--teacher-width", type=int, default=256, help="units per hidden layer (2 layers)")
     parser.add_argument("--out", type=Path, default=RESULTS / "distill.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -156,12 +169,13 @@ def main() -> None:
     rows = []
     for env_id in args.envs:
         error = unavailable(env_id)
-        rows.append({"env_id": env_id, "error": error} if error else bench_env(env_id, args.quick))
+        rows.append({"env_id": env_id, "error": error} if error else bench_env(env_id, args.quick, args.teacher_width))
     print_table(rows)
     result = {"benchmark": "distill", "quick": args.quick, "machine": machine(), "sizes": SIZES,
               "teacher_settings": "distill/teacher.py (PPO, Adam) with RunConfig defaults plus each env's config; "
                                   "eval every 10 rollouts, best-evaluated policy kept",
-              "latency": "batch 1, torch.set_num_threads(1), torch.inference_mode, median of 5 x 2000 calls",
+              "latency": "batch 1, torch.set_num_threads(1), torch.inference_mode, median of 5 x 2000 calls; "
+                         "batch_speedup: time per observation in batches of 4096 (compute rather than overhead)",
               "targets": targets(rows), "envs": rows}
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from hivegym.distill.package import distill_run_policy, publish_best, summary
 from hivegym.protocol.config import RunConfig, parse_sizes
 from hivegym.protocol.identity import Identity
 
@@ -23,6 +24,10 @@ NICENESS = 10  # added to the distillation worker's nice value
 Snapshot = dict[str, torch.Tensor]
 
 
+def share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def lower_priority() -> None:
     """Initializer of the distillation worker."""
     os.nice(NICENESS)
@@ -30,8 +35,6 @@ def lower_priority() -> None:
 
 
 def distill_job(config_json: str, state: Snapshot, epoch: int) -> list:
-    from hivegym.distill.package import distill_run_policy
-
     return distill_run_policy(RunConfig.from_json(config_json), state, epoch)
 
 
@@ -79,15 +82,14 @@ class Distiller:
         logger.info("distillation of epoch %d requested (%s)", epoch, why)
 
     def collect(self) -> None:
-        from hivegym.distill.package import publish_best
-
         try:
             packages = self.job.result()
         except Exception as e:  # a failed distillation must not stop the run; the next one may succeed
             logger.warning("distillation of epoch %d failed: %s", self.job_epoch, e)
         else:
             names = publish_best(self.directory, self.identity, packages)
-            logger.info("distillation of epoch %d done; published %s", self.job_epoch, ", ".join(names) or "nothing new")
+            logger.info("distillation of epoch %d done; published %s", self.job_epoch,
+                        ", ".join(names) or "nothing better than before")
         self.job = None
 
     def finish(self) -> None:
@@ -102,12 +104,11 @@ class Distiller:
             if self.job is not None:
                 self.job.exception()  # waits
             self.advance()
-        from hivegym.distill.package import summary
-
         packages = summary(self.directory)
         logger.info("distilled checkpoints in %s: %s", self.directory, "; ".join(
-            f"{name} ({p['params']} params, {100 * p['param_share']:.1f}% of the teacher's; return {p['mean_return']:.1f}"
-            f", share {p['return_share']})" for name, p in packages.items()) or "none")
+            f"{name} ({p['params']} params, {100 * p['param_share']:.1f}% of the teacher's; return "
+            f"{p['mean_return']:.1f}, {share(p['return_share'])} of the teacher's)" for name, p in packages.items())
+            or "none")
 
     def close(self) -> None:
         if self.pool is not None:

@@ -20,7 +20,8 @@ class PlayError(Exception):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hivegym-play", description="Run a pulled hivegym checkpoint and print "
                                      "the mean and std of its return as one JSON line.")
-    parser.add_argument("path", type=Path, metavar="PATH", help="NAME.json, NAME.pt, or NAME of a pulled package")
+    parser.add_argument("path", type=Path, metavar="PATH",
+                        help="NAME.json, NAME.pt or NAME of a pulled package, or RUN_DIR/checkpoints/NAME.json")
     parser.add_argument("--episodes", type=int, default=10, help="episodes to run (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="episode i starts from reset(seed=SEED + i) (default 0)")
     parser.add_argument("--key", metavar="KEY|JOIN", default=None,
@@ -43,7 +44,8 @@ def package_paths(path: Path) -> tuple[Path, Path]:
 def load(path: Path, key: str | None):
     """(manifest, actor) of a package after checking its weights' sha256, and its signature if a key is given."""
     from hivegym.distill.actor import Actor, load_weights
-    from hivegym.protocol.checkpoint import CheckpointError, parse_manifest, verify_signature, verify_weights
+    from hivegym.protocol.checkpoint import (CheckpointError, parse_manifest, verify_signature, verify_weights,
+                                             weights_name)
     from hivegym.protocol.identity import IdentityError, decode_key, parse_join
 
     manifest_path, weights_path = package_paths(path)
@@ -51,6 +53,8 @@ def load(path: Path, key: str | None):
         manifest = parse_manifest(manifest_path.read_bytes())
         if key is not None:
             verify_signature(manifest, parse_join(key).public_key if "#" in key else decode_key(key))
+        if not weights_path.exists():  # a package in a run directory: its weights are named by their hash
+            weights_path = weights_path.with_name(weights_name(manifest["name"], manifest["weights"]["sha256"]))
         verify_weights(manifest, weights_path)
         actor = Actor.from_architecture(manifest["architecture"])
         return manifest, load_weights(actor, weights_path.read_bytes())

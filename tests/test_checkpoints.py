@@ -203,7 +203,8 @@ def test_an_interrupted_download_resumes_from_its_offset(served, tmp_path):
         flaky.close()
     assert result.returncode == 0, result.stderr
     assert store.offsets == [0, 100]
-    assert (tmp_path / "CartPole-v1-teacher.pt").read_bytes() == weights_path(served, "CartPole-v1-teacher").read_bytes()
+    served_bytes = weights_path(served, "CartPole-v1-teacher").read_bytes()
+    assert (tmp_path / "CartPole-v1-teacher.pt").read_bytes() == served_bytes
 
 
 def request(name="CartPole-v1-tiny", offset=0, sha256="") -> bytes:

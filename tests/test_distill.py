@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
+from hivegym.coordinator.distiller import Distiller
 from hivegym.distill.actor import Actor, actor_params, width_for
 from hivegym.distill.dagger import Settings, distill, kl_categorical, kl_gaussian
 from hivegym.distill.package import manifests
@@ -51,6 +52,22 @@ def test_teacher_actor_acts_like_the_policy():
     obs = torch.randn(7, 3)
     assert torch.equal(actor.act_deterministic(obs), policy.act_deterministic(obs))
     assert torch.equal(actor.log_std, policy.log_std)
+
+
+def test_distiller_requests_on_improvement_by_the_margin(tmp_path):
+    config = dataclasses.replace(RunConfig(), distill_margin=25.0)
+    distiller = Distiller(config, tmp_path, Identity.generate())
+    requested = []
+    for epoch, mean in enumerate([20.0, 40.0, 46.0, 44.0, 120.0, 140.0], start=1):
+        distiller.on_evaluation(epoch, mean, {"epoch": torch.tensor(epoch)})
+        if distiller.queued is not None:
+            requested.append(distiller.queued[0])
+            distiller.queued = None
+    assert requested == [1, 3, 5]  # 20, then 46 >= 20 + 25, then 120 >= 46 + 25; 140 < 145
+    off = Distiller(dataclasses.replace(config, distill_sizes=""), tmp_path, Identity.generate())
+    off.on_evaluation(1, 500.0, {})
+    off.finish()
+    assert off.queued is None and off.job is None and off.pool is None
 
 
 @pytest.mark.slow

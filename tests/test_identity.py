@@ -71,6 +71,17 @@ def test_decode_key_refuses_non_keys():
     assert decode_key(encode_key(bytes(32))) == bytes(32)  # 32 bytes is the only check a public key can get
 
 
+def test_launch_refuses_a_key_file_open_to_others(tmp_path):
+    key = tmp_path / "coordinator.key"
+    Identity.load_or_create(key)
+    os.chmod(key, 0o640)
+    result = subprocess.run([sys.executable, "-m", "hivegym.coordinator.cli", "--run-dir", str(tmp_path / "run"),
+                             "--identity", str(key)], capture_output=True, text=True, timeout=30,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "chmod 600" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "coordinator.json").exists()
+
+
 def test_join_accepts_join_string_and_refuses_a_bad_key_in_one_line():
     result = subprocess.run([sys.executable, "-m", "hivegym.peer.cli", "--coordinator", "127.0.0.1:1#nokey"],
                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
