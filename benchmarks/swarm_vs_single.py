@@ -25,7 +25,7 @@ from benchmarks_common import machine
 
 RESULTS = Path(__file__).with_name("results")
 # Per-mode settings found best in short tries on this machine: gradient averaging needs small epochs
-# (one global step per 1024 samples) to get enough optimizer steps; local updates average every 16384.
+# (one global step per 1024 samples) to get enough optimizer steps; local updates average every 65536 (the default).
 MODE_SETTINGS = {"local": [], "grad": ["target_batch_size=1024"]}
 
 

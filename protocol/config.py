@@ -57,7 +57,7 @@ class RunConfig:
 
     sync_mode: SyncMode = "local"
     """'grad': average gradients every global step; 'local': local Adam steps, average parameters every epoch."""
-    target_batch_size: int = 16384
+    target_batch_size: int = 65536
     """Samples (counted per gradient computation) the whole swarm accumulates per epoch."""
     compression: Compression = "float16"
     """Codec for averaged tensors: none, float16, uint8, blockwise8bit, powersgd."""
@@ -75,7 +75,7 @@ class RunConfig:
     rpc_retries: int = 3
     """Attempts of a gRPC call to the coordinator before giving up (exponential backoff)."""
 
-    eval_every: int = 2
+    eval_every: int = 1
     """The coordinator evaluates the policy every this many epochs."""
     eval_episodes: int = 10
     """Episodes per evaluation (deterministic actions, fixed seeds)."""
