@@ -185,7 +185,9 @@ class Launch:
                   "epoch": trusted.epoch if trusted else 0,
                   "checkpoints": checkpoint_summary(self.options.run_dir / "checkpoints")}
         first = None if state is None or state.first_report is None else round(state.first_report - self.started, 2)
+        peers = {} if state is None else {name: {"env_steps": p.env_steps, "samples": p.samples, **p.timings}
+                                          for name, p in state.peers.items()}
         details = {**result, "first_report_s": first, "run_dir": str(self.options.run_dir),
-                   "config": json.loads(self.config.to_json())}
+                   "config": json.loads(self.config.to_json()), "peers": peers}
         (self.options.run_dir / "summary.json").write_text(json.dumps(details, indent=2))
         return result

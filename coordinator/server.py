@@ -15,7 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from hivegym.coordinator.checkpoint_service import CheckpointStore
 from hivegym.protocol import hivegym_pb2 as pb
-from hivegym.protocol.rpc import MAX_TRANSPORT_BYTES, REQUEST_TYPES, SERVICE, STREAMING, BadRequest, parse_request
+from hivegym.protocol.rpc import (MAX_TRANSPORT_BYTES, REQUEST_TYPES, SERVICE, STREAMING, TIMING_FIELDS, BadRequest,
+                                  parse_request)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class PeerRecord:
     samples: int = 0
     mean_return: float = 0.0
     samples_per_second: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # cumulative seconds per phase, from its reports
 
 
 @dataclass
@@ -95,6 +97,7 @@ class CoordinatorService:
                 self.state.first_report = peer.last_seen
             peer.epoch, peer.env_steps, peer.samples = request.epoch, request.env_steps, request.samples
             peer.mean_return, peer.samples_per_second = request.mean_return, request.samples_per_second
+            peer.timings = {name: getattr(request, name) for name in TIMING_FIELDS}
             return pb.ReportReply(epoch=self.state.epoch)
 
     def status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:

@@ -23,9 +23,10 @@ class Timings:
     collect: float = 0.0
     compute: float = 0.0
     step: float = 0.0
+    average: float = 0.0  # part of `step`: the steps that ended an epoch (matchmaking and all-reduce)
 
     def as_dict(self) -> dict[str, float]:
-        return {"collect_s": self.collect, "compute_s": self.compute, "step_s": self.step}
+        return {"collect_s": self.collect, "compute_s": self.compute, "step_s": self.step, "average_s": self.average}
 
 
 @dataclass

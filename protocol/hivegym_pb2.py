@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rhivegym.proto\x12\x07hivegym\"J\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\">\n\tJoinReply\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x18\n\x10\x62ootstrap_maddrs\x18\x02 \x03(\t\"\x86\x01\n\rReportRequest\x12\x11\n\tpeer_name\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tenv_steps\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x13\n\x0bmean_return\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\"\x1c\n\x0bReportReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x0f\n\rStatusRequest\"\xb6\x01\n\x0bStatusReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nlive_peers\x18\x02 \x01(\r\x12\x1a\n\x12samples_per_second\x18\x03 \x01(\x01\x12\x11\n\tenv_steps\x18\x04 \x01(\x04\x12\x10\n\x08has_eval\x18\x05 \x01(\x08\x12\x18\n\x10last_eval_return\x18\x06 \x01(\x01\x12\x17\n\x0flast_eval_epoch\x18\x07 \x01(\x04\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\"\x18\n\x16ListCheckpointsRequest\"6\n\x0f\x43heckpointEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"E\n\x14ListCheckpointsReply\x12-\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x18.hivegym.CheckpointEntry\"I\n\x19\x44ownloadCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"[\n\x0f\x43heckpointChunk\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xd8\x02\n\x0b\x43oordinator\x12\x30\n\x04Join\x12\x14.hivegym.JoinRequest\x1a\x12.hivegym.JoinReply\x12\x36\n\x06Report\x12\x16.hivegym.ReportRequest\x1a\x14.hivegym.ReportReply\x12\x36\n\x06Status\x12\x16.hivegym.StatusRequest\x1a\x14.hivegym.StatusReply\x12Q\n\x0fListCheckpoints\x12\x1f.hivegym.ListCheckpointsRequest\x1a\x1d.hivegym.ListCheckpointsReply\x12T\n\x12\x44ownloadCheckpoint\x12\".hivegym.DownloadCheckpointRequest\x1a\x18.hivegym.CheckpointChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rhivegym.proto\x12\x07hivegym\"J\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\">\n\tJoinReply\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x18\n\x10\x62ootstrap_maddrs\x18\x02 \x03(\t\"\xdf\x01\n\rReportRequest\x12\x11\n\tpeer_name\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tenv_steps\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x13\n\x0bmean_return\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x0e\n\x06wall_s\x18\x07 \x01(\x01\x12\x11\n\tcollect_s\x18\x08 \x01(\x01\x12\x11\n\tcompute_s\x18\t \x01(\x01\x12\x0e\n\x06step_s\x18\n \x01(\x01\x12\x11\n\taverage_s\x18\x0b \x01(\x01\"\x1c\n\x0bReportReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x0f\n\rStatusRequest\"\xb6\x01\n\x0bStatusReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nlive_peers\x18\x02 \x01(\r\x12\x1a\n\x12samples_per_second\x18\x03 \x01(\x01\x12\x11\n\tenv_steps\x18\x04 \x01(\x04\x12\x10\n\x08has_eval\x18\x05 \x01(\x08\x12\x18\n\x10last_eval_return\x18\x06 \x01(\x01\x12\x17\n\x0flast_eval_epoch\x18\x07 \x01(\x04\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\"\x18\n\x16ListCheckpointsRequest\"6\n\x0f\x43heckpointEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"E\n\x14ListCheckpointsReply\x12-\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x18.hivegym.CheckpointEntry\"I\n\x19\x44ownloadCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"[\n\x0f\x43heckpointChunk\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xd8\x02\n\x0b\x43oordinator\x12\x30\n\x04Join\x12\x14.hivegym.JoinRequest\x1a\x12.hivegym.JoinReply\x12\x36\n\x06Report\x12\x16.hivegym.ReportRequest\x1a\x14.hivegym.ReportReply\x12\x36\n\x06Status\x12\x16.hivegym.StatusRequest\x1a\x14.hivegym.StatusReply\x12Q\n\x0fListCheckpoints\x12\x1f.hivegym.ListCheckpointsRequest\x1a\x1d.hivegym.ListCheckpointsReply\x12T\n\x12\x44ownloadCheckpoint\x12\".hivegym.DownloadCheckpointRequest\x1a\x18.hivegym.CheckpointChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREPLY']._serialized_start=102
   _globals['_JOINREPLY']._serialized_end=164
   _globals['_REPORTREQUEST']._serialized_start=167
-  _globals['_REPORTREQUEST']._serialized_end=301
-  _globals['_REPORTREPLY']._serialized_start=303
-  _globals['_REPORTREPLY']._serialized_end=331
-  _globals['_STATUSREQUEST']._serialized_start=333
-  _globals['_STATUSREQUEST']._serialized_end=348
-  _globals['_STATUSREPLY']._serialized_start=351
-  _globals['_STATUSREPLY']._serialized_end=533
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=535
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=559
-  _globals['_CHECKPOINTENTRY']._serialized_start=561
-  _globals['_CHECKPOINTENTRY']._serialized_end=615
-  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=617
-  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=686
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=688
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=761
-  _globals['_CHECKPOINTCHUNK']._serialized_start=763
-  _globals['_CHECKPOINTCHUNK']._serialized_end=854
-  _globals['_COORDINATOR']._serialized_start=857
-  _globals['_COORDINATOR']._serialized_end=1201
+  _globals['_REPORTREQUEST']._serialized_end=390
+  _globals['_REPORTREPLY']._serialized_start=392
+  _globals['_REPORTREPLY']._serialized_end=420
+  _globals['_STATUSREQUEST']._serialized_start=422
+  _globals['_STATUSREQUEST']._serialized_end=437
+  _globals['_STATUSREPLY']._serialized_start=440
+  _globals['_STATUSREPLY']._serialized_end=622
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=624
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=648
+  _globals['_CHECKPOINTENTRY']._serialized_start=650
+  _globals['_CHECKPOINTENTRY']._serialized_end=704
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=706
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=775
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=777
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=850
+  _globals['_CHECKPOINTCHUNK']._serialized_start=852
+  _globals['_CHECKPOINTCHUNK']._serialized_end=943
+  _globals['_COORDINATOR']._serialized_start=946
+  _globals['_COORDINATOR']._serialized_end=1290
 # @@protoc_insertion_point(module_scope)

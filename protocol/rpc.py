@@ -68,11 +68,14 @@ def parse_request(method: str, data: bytes) -> Message:
             raise BadRequest(f"device must be one of {', '.join(DEVICES)}, got {request.device[:32]!r}")
     elif isinstance(request, pb.ReportRequest):
         _check_name(request.peer_name)
-        for field in ("mean_return", "samples_per_second"):
-            if not math.isfinite(getattr(request, field)):
-                raise BadRequest(f"{field} must be finite")
-        if request.samples_per_second < 0:
-            raise BadRequest("samples_per_second must be >= 0")
+        if not math.isfinite(request.mean_return):
+            raise BadRequest("mean_return must be finite")
+        for field in ("samples_per_second", *TIMING_FIELDS):
+            if not 0.0 <= getattr(request, field) < math.inf:
+                raise BadRequest(f"{field} must be finite and >= 0")
+        for field in TIMING_FIELDS[1:]:
+            if getattr(request, field) > request.wall_s + 1.0:
+                raise BadRequest(f"{field} cannot exceed wall_s")
     elif isinstance(request, pb.DownloadCheckpointRequest):
         try:
             check_name(request.name)
@@ -83,6 +86,9 @@ def parse_request(method: str, data: bytes) -> Message:
         if request.sha256 and not SHA256.fullmatch(request.sha256):
             raise BadRequest("sha256 must be empty or 64 lowercase hex digits")
     return request
+
+
+TIMING_FIELDS = ("wall_s", "collect_s", "compute_s", "step_s", "average_s")
 
 
 def _check_name(name: str) -> None:

@@ -185,6 +185,10 @@ def test_bad_join_fields_are_invalid(coord):
     ({"mean_return": math.inf}, "mean_return"),
     ({"samples_per_second": math.nan}, "samples_per_second"),
     ({"samples_per_second": -1.0}, "samples_per_second"),
+    ({"wall_s": math.inf}, "wall_s"),
+    ({"collect_s": -0.5, "wall_s": 10.0}, "collect_s"),
+    ({"average_s": math.nan, "wall_s": 10.0}, "average_s"),
+    ({"step_s": 60.0, "wall_s": 10.0}, "step_s cannot exceed wall_s"),
 ])
 def test_bad_report_fields_are_invalid(coord, fields, word):
     coord.join("a")
