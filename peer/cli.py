@@ -16,8 +16,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default=None, help="this peer's name (default: hostname plus a random suffix)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where gradients are computed (default: the best one found)")
+    parser.add_argument("--client-mode", dest="client_mode", action="store_true", default=True,
+                        help="open no port and never reduce: works behind NAT and firewalls (the default)")
     parser.add_argument("--no-client-mode", dest="client_mode", action="store_false",
                         help="accept incoming connections (only for peers with a reachable address)")
+    parser.add_argument("--host-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="libp2p listen addresses (default /ip4/127.0.0.1/tcp/0)")
+    parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="libp2p addresses announced to others (a public address in front of this host)")
+    parser.add_argument("--auto-relay", action="store_true",
+                        help="behind NAT without --client-mode: be reachable through a relay (the bootstrap peers)")
+    parser.add_argument("--no-relay", dest="use_relay", action="store_false",
+                        help="never dial peers through circuit relays")
     parser.add_argument("--max-minutes", type=float, default=None, help="leave the swarm after this many minutes")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: small networks run fastest single-threaded)")
@@ -51,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
     options = VolunteerOptions(coordinator=coordinator, name=args.name or default_name(), device=args.device,
                                client_mode=args.client_mode, max_minutes=args.max_minutes,
-                               live_status=sys.stderr.isatty(), save_params=args.save_params)
+                               live_status=sys.stderr.isatty(), save_params=args.save_params,
+                               host_maddrs=tuple(args.host_maddrs), announce_maddrs=tuple(args.announce_maddrs),
+                               use_relay=args.use_relay, auto_relay=args.auto_relay)
     try:
         return run(options)
     except JoinFailed as e:
-        print(f"hivegym-join: {' '.join(str(e).split())}", file=sys.stderr)
+        for line in str(e).splitlines():  # one line per failed check
+            print(f"hivegym-join: {' '.join(line.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

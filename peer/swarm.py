@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from functools import partial
@@ -13,6 +14,7 @@ from hivemind.compression import (CompressionBase, Float16Compression, NoCompres
                                   quantization, serialization)
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from hivegym.protocol.config import RunConfig
@@ -74,12 +76,34 @@ def compression(name: str) -> CompressionBase:
 
 
 def start_dht(initial_peers: list[str], client_mode: bool, host_maddrs: list[str] | None = None,
-              announce_maddrs: list[str] | None = None) -> hivemind.DHT:
-    """Start a DHT node; raises with hivemind's reason if the bootstrap peers cannot be reached."""
+              announce_maddrs: list[str] | None = None, use_relay: bool = True, use_auto_relay: bool = False
+              ) -> hivemind.DHT:
+    """Start a DHT node; raises with hivemind's reason if the bootstrap peers cannot be reached.
+    use_relay: dial peers behind NAT through circuit relays (and serve as a relay: p2pd's default);
+    use_auto_relay: behind NAT, reserve a slot at a relay (the bootstrap peers) and announce it."""
     return hivemind.DHT(
         initial_peers=initial_peers, client_mode=client_mode, start=True,
         host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"], announce_maddrs=announce_maddrs,
+        use_relay=use_relay, use_auto_relay=use_auto_relay,
     )
+
+
+def check_p2p_daemon(host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
+                     use_relay: bool = True, use_auto_relay: bool = False, timeout: float = 15.0) -> str | None:
+    """Start a bare p2p daemon with these options and stop it; None if it started, else hivemind's reason."""
+
+    async def probe() -> str | None:
+        try:
+            p2p = await P2P.create(host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
+                                   announce_maddrs=announce_maddrs, use_relay=use_relay,
+                                   use_auto_relay=use_auto_relay, startup_timeout=timeout)
+        except Exception as e:  # any reason it cannot start is reported, in one line
+            await asyncio.sleep(0.5)  # asyncio reaps the dead daemon before the loop closes, or it warns
+            return " ".join(str(e).split()) or type(e).__name__
+        await p2p.shutdown()
+        return None
+
+    return asyncio.run(probe())
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from hivegym.peer import swarm
+from hivegym.peer.preflight import preflight
 from hivegym.peer.worker import Progress, train_rollout
 from hivegym.protocol import hivegym_pb2 as pb
 from hivegym.protocol.config import ConfigError, RunConfig
@@ -49,6 +50,14 @@ class VolunteerOptions:
     """Rewrite one status line in place (a terminal) instead of logging a line every 10 s."""
     save_params: str | None = None
     """Write the parameters held right after each of the last few global steps here ({epoch: state_dict})."""
+    host_maddrs: tuple[str, ...] = ()
+    """libp2p listen addresses (default /ip4/127.0.0.1/tcp/0; a full peer on another host needs a public one)."""
+    announce_maddrs: tuple[str, ...] = ()
+    """libp2p addresses announced to others (a public address in front of this one)."""
+    use_relay: bool = True
+    """Reach peers behind NAT through circuit relays."""
+    auto_relay: bool = False
+    """Behind NAT: reserve a slot at a relay (the bootstrap peers) and announce it, to be reachable."""
 
 
 def pick_device(requested: str) -> torch.device:
@@ -73,11 +82,12 @@ def run(options: VolunteerOptions) -> int:
     device = pick_device(options.device)
     # the run's own timeouts arrive with Join; until then the config's defaults apply
     client = CoordinatorClient(options.coordinator, RunConfig.rpc_timeout, RunConfig.rpc_retries)
-    try:
-        reply = client.join(options.name, device.type)
-    except grpc.RpcError as e:
-        raise JoinFailed(f"cannot reach the coordinator at {options.coordinator} ({describe_error(e)}); check "
-                         "the address and that hivegym-launch is running there") from None
+    p2p = dict(host_maddrs=list(options.host_maddrs) or None, announce_maddrs=list(options.announce_maddrs) or None,
+               use_relay=options.use_relay, use_auto_relay=options.auto_relay)
+    reply, failures = preflight(client, options.name, device.type, p2p)
+    if failures:
+        client.close()
+        raise JoinFailed("\n".join(failures))  # one line per failed check
     try:
         config = RunConfig.from_json(reply.run_config_json)
     except (ConfigError, TypeError) as e:
@@ -87,7 +97,7 @@ def run(options: VolunteerOptions) -> int:
     dht = opt = None
     try:
         try:
-            dht = swarm.start_dht(list(reply.bootstrap_maddrs), client_mode=options.client_mode)
+            dht = swarm.start_dht(list(reply.bootstrap_maddrs), client_mode=options.client_mode, **p2p)
         except Exception as e:
             raise JoinFailed(f"cannot reach the swarm's bootstrap peers {list(reply.bootstrap_maddrs)} ({e}); "
                              "check that their ports are reachable from here") from None

@@ -14,11 +14,12 @@ from hivegym.protocol.rpc import CoordinatorClient
 
 
 class Proc:
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, prefix: list[str] = ()):
+        """`python -m args`, after `prefix` (e.g. ip netns exec NAME) if given."""
         self.log_path = log
         self.log = open(log, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=self.log,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        self.popen = subprocess.Popen([*prefix, sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                                      stderr=self.log, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         try:
