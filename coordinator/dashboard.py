@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hivegym.coordinator.checkpoint_service import CheckpointStore
 from hivegym.coordinator.server import LIVE_WINDOW_S, PeerRecord, SwarmState
 
 logger = logging.getLogger(__name__)
@@ -23,12 +24,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 8080  # when no port is given and 8080 is taken, any free port is used instead
 PAGE = Path(__file__).with_name("dashboard.html")
 MAX_POINTS = 600  # each history series is thinned to at most this many points per answer
-MAX_CHECKPOINTS = 200
-MAX_MANIFEST_BYTES = 64 * 1024
 # PeerRecord fields that the verification work adds; until a record has them they are sent as null
 VERIFICATION_FIELDS = ("audits_passed", "audits_failed", "credits", "banned")
-CHECKPOINT_FIELDS = ("name", "role", "size", "env_id", "params", "teacher_epoch", "eval_return", "teacher_return",
-                     "return_share", "created")
 
 
 class MetricsTail:
@@ -82,28 +79,23 @@ def thin(points: list[dict[str, float]]) -> list[dict[str, float]]:
 
 
 def read_checkpoints(directory: Path) -> list[dict[str, Any]]:
-    """The published packages' manifests (read-only; unreadable or oversized files are skipped)."""
-    try:
-        paths = sorted(directory.glob("*.json"))[:MAX_CHECKPOINTS]
-    except OSError:
-        return []
-    found = []
-    for path in paths:
-        try:
-            if path.stat().st_size > MAX_MANIFEST_BYTES:
-                continue
-            manifest = json.loads(path.read_bytes(), parse_constant=_no_constants)
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict):
-            row = {key: manifest.get(key) for key in CHECKPOINT_FIELDS}
-            row["name"] = row["name"] if isinstance(row["name"], str) else path.stem
-            found.append(row)
-    return found
+    """The packages that ListCheckpoints offers, one flat row each (a value that is not plain JSON is null)."""
+    rows = []
+    for name, data in CheckpointStore(directory).manifests():
+        m = json.loads(data)
+        teacher, evaluation = (m.get(k) if isinstance(m.get(k), dict) else {} for k in ("teacher", "evaluation"))
+        row = {"name": name, "role": m["role"], "size": m["size"], "env_id": m["env_id"], "params": m["params"],
+               "param_share": m.get("param_share"), "created": m.get("created"), "teacher_epoch": teacher.get("epoch"),
+               "eval_return": evaluation.get("mean_return"), "teacher_return": evaluation.get("teacher_mean_return"),
+               # (return - random) / (teacher - random), see distill/dagger.py
+               "return_share": evaluation.get("return_share")}
+        rows.append({k: v if _plain(v) else None for k, v in row.items()})
+    return rows
 
 
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity would make the whole answer invalid JSON
+def _plain(value: Any) -> bool:
+    """NaN or infinity would make the whole answer invalid JSON; nested values are not shown."""
+    return value is None or isinstance(value, (str, int)) or (isinstance(value, float) and math.isfinite(value))
 
 
 class Dashboard:

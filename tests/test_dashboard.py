@@ -19,7 +19,9 @@ from browser import chromium
 from hivegym.coordinator.dashboard import MAX_POINTS, Dashboard
 from hivegym.coordinator.server import SwarmState, start_server
 from hivegym.protocol import hivegym_pb2 as pb
+from hivegym.protocol.checkpoint import publish
 from hivegym.protocol.config import RunConfig
+from hivegym.protocol.identity import Identity
 from hivegym.protocol.rpc import CoordinatorClient
 from procs import start_coordinator, wait_for
 
@@ -95,20 +97,23 @@ def test_metrics_are_read_incrementally_and_thinned(swarm, tmp_path):
     assert status(swarm)["history"][-1]["env_steps"] == 1000 * 3 * MAX_POINTS
 
 
-def test_checkpoints_from_manifests(swarm, tmp_path):
+def test_checkpoints_are_the_published_packages(swarm, tmp_path):
     folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    manifest = {"name": "student-small", "role": "student", "size": "1%", "env_id": "CartPole-v1", "params": 1234,
-                "teacher_epoch": 40, "eval_return": 480.0, "return_share": 0.96, "signature": "x"}
-    (folder / "student-small.json").write_text(json.dumps(manifest))
+    manifest = {"name": "CartPole-v1-tiny", "role": "student", "size": "tiny", "env_id": "CartPole-v1",
+                "architecture": {"hidden": [4]}, "params": 35, "param_share": 0.0076, "teacher": {"epoch": 40},
+                "evaluation": {"mean_return": 480.0, "teacher_mean_return": 500.0, "return_share": 0.96}}
+    signed = publish(folder, manifest, b"weights", Identity.generate())
     (folder / "broken.json").write_text("{not json")
-    (folder / "nan.json").write_text('{"name": "nan", "eval_return": NaN}')
-    (folder / "huge.json").write_text(json.dumps({"name": "huge", "pad": "x" * 100_000}))
-    (folder / "list.json").write_text("[1, 2]")
-    (folder / "student-small.0123456789abcdef.pt").write_bytes(b"weights")
-    [row] = status(swarm)["checkpoints"]
-    assert row["name"] == "student-small" and row["return_share"] == 0.96 and row["params"] == 1234
-    assert row["created"] is None  # a field the manifest lacks is null, not an error
+    (folder / "shapeless.json").write_text(json.dumps({"name": "shapeless", "role": "student"}))
+    (folder / "huge.json").write_text(json.dumps({**signed, "name": "huge", "pad": "x" * 100_000}))
+    # well-shaped but with NaN: what cannot be JSON is shown as null, and the answer stays valid JSON
+    (folder / "nan.json").write_text(json.dumps({**signed, "name": "nan"}).replace("480.0", "NaN"))
+    rows = status(swarm)["checkpoints"]
+    assert [r["name"] for r in rows] == ["CartPole-v1-tiny", "nan"]
+    assert (rows[0]["params"], rows[0]["param_share"], rows[0]["teacher_epoch"]) == (35, 0.0076, 40)
+    assert (rows[0]["eval_return"], rows[0]["teacher_return"], rows[0]["return_share"]) == (480.0, 500.0, 0.96)
+    assert rows[0]["created"] is None  # a field the manifest lacks is null, not an error
+    assert rows[1]["eval_return"] is None and rows[1]["return_share"] == 0.96
 
 
 def test_only_get_of_known_paths(swarm):
