@@ -15,13 +15,11 @@ import argparse
 import json
 import multiprocessing
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks_common import machine
+from benchmarks_common import machine, print_table, run_swarm
 
 RESULTS = Path(__file__).with_name("results")
 # Per-mode settings found best in short tries on this machine: gradient averaging needs small epochs
@@ -52,26 +50,19 @@ def _single_worker(seed: int, target: float, max_env_steps: int) -> dict:
     from hivegym.protocol.config import RunConfig
 
     torch.set_num_threads(1)
-    result = train_alone(dataclasses.replace(RunConfig(), seed=seed), target, max_env_steps)
-    return {**result, "train_wall_s": result["wall_s"], "bytes_per_peer_step": None}
+    curve: list[list[float]] = []
+    result = train_alone(dataclasses.replace(RunConfig(), seed=seed), target, max_env_steps,
+                         log=lambda row: curve.append([round(row["wall_s"], 2), row["env_steps"], row["eval_return"]]))
+    return {**result, "train_wall_s": result["wall_s"], "bytes_per_peer_step": None, "curve": curve}
 
 
-def run_swarm(peers: int, mode: str, seed: int, target: float, max_minutes: float) -> dict:
-    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-{peers}-"))
-    overrides = [f"sync_mode={mode}", f"seed={seed}", *MODE_SETTINGS[mode]]
-    command = [sys.executable, "-m", "hivegym.coordinator.cli", "--local-peers", str(peers), "--target-return",
-               str(target), "--max-minutes", str(max_minutes), "--run-dir", str(run_dir), "--log-level", "WARNING"]
-    for item in overrides:
-        command += ["--set", item]
+def run_swarm_measured(peers: int, mode: str, seed: int, target: float, max_minutes: float) -> dict:
+    """(b) and (c), with the bytes this run sent over loopback (machine-wide: run nothing else meanwhile)."""
     tx_before = loopback_tx_bytes()
-    subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=max_minutes * 60 + 120)
-    tx = loopback_tx_bytes() - tx_before
-    summary = json.loads((run_dir / "summary.json").read_text())
-    train_wall = summary["wall_s"] - (summary["first_report_s"] or 0.0)  # from the first finished rollout
+    result = run_swarm(peers, [f"sync_mode={mode}", f"seed={seed}", *MODE_SETTINGS[mode]], target, max_minutes)
     hivemind_peers = peers + 1  # the coordinator's trusted peer takes part in every round
-    return {"reached": summary["reached"], "wall_s": summary["wall_s"], "train_wall_s": round(train_wall, 2),
-            "env_steps": summary["env_steps"], "eval_return": summary["eval_return"], "epochs": summary["epoch"],
-            "bytes_per_peer_step": round(tx / hivemind_peers / max(summary["epoch"], 1))}
+    result["bytes_per_peer_step"] = round((loopback_tx_bytes() - tx_before) / hivemind_peers / max(result["epochs"], 1))
+    return result
 
 
 def median(rows: list[dict], key: str) -> float | None:
@@ -94,6 +85,7 @@ def main() -> None:
     systems = [("a: single process", None, 0), *((f"b: 1-peer swarm, {m}", m, 1) for m in MODE_SETTINGS),
                *((f"c: 2-peer swarm, {m}", m, 2) for m in MODE_SETTINGS)]
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in systems}
+    curves: dict[str, list] = {}  # return against [train wall s, env steps, eval return] per run
     for seed in range(seeds):
         order = systems[seed % len(systems):] + systems[:seed % len(systems)]  # alternate who goes first
         for name, mode, peers in order:
@@ -101,9 +93,10 @@ def main() -> None:
             if mode is None:
                 row = run_single(seed, target, max_env_steps=300_000)
             else:
-                row = run_swarm(peers, mode, seed, target, max_minutes)
+                row = run_swarm_measured(peers, mode, seed, target, max_minutes)
             row["seed"] = seed
             runs[name].append(row)
+            curves[f"{name} seed {seed}"] = row["curve"]
             print(f"  seed {seed} {name}: reached={row['reached']} train_wall={row['train_wall_s']:.1f}s "
                   f"env_steps={row['env_steps']} ({time.monotonic() - started:.0f}s)", file=sys.stderr)
 
@@ -123,23 +116,9 @@ def main() -> None:
     print_table(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "swarm_vs_single", "target_return": target, "seeds": seeds,
-                                    "machine": machine(), "mode_settings": MODE_SETTINGS, "table": table,
+                                    "machine": machine(), "mode_settings": MODE_SETTINGS, "table": table, "curves": curves,
                                     "runs": runs}, indent=2))
     print(f"wrote {args.out}")
-
-
-def print_table(table: list[dict]) -> None:
-    columns = list(table[0])
-    widths = [max(len(c), *(len(fmt(r[c])) for r in table)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in table:
-        print("  ".join(fmt(row[c]).ljust(w) for c, w in zip(columns, widths)))
-
-
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from hivegym.coordinator.trusted_peer import TrustedPeer, evaluate_snapshot, war
 from hivegym.distill.package import summary as checkpoint_summary
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.identity import Identity, encode_key, format_join
+from hivegym.protocol.shutdown import kill_descendants, stop_on_signals
 
 logger = logging.getLogger(__name__)
+SHUTDOWN_DEADLINE_S = 8.0  # after a stop signal; the local peers alone get 4 s to stop
 
 
 @dataclass
@@ -88,8 +90,7 @@ class Launch:
             logger.info("trusted peer listening on %s", " ".join(maddrs))
             logger.info("gRPC server on %s:%d; join with:\n    hivegym-join --coordinator %s",
                         self.options.host, port, join)
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: self.stop.set())
+            stop_on_signals(self.stop, SHUTDOWN_DEADLINE_S, self.kill_peers)
             for i in range(self.options.local_peers):
                 self.peers.append(local_peers.LocalPeer(
                     f"local-{i}", f"127.0.0.1:{port}", self.options.run_dir / f"peer-{i}.log",
@@ -108,9 +109,13 @@ class Launch:
             self.distiller.close()
             if trusted is not None:
                 trusted.shutdown()
-            local_peers.kill_descendants()
+            kill_descendants()
             self.metrics.close()
         return self.summary(trusted, state)
+
+    def kill_peers(self) -> None:
+        for peer in self.peers:
+            peer.signal(signal.SIGKILL)
 
     def start_dashboard(self, state: SwarmState) -> Dashboard:
         info = {"run_id": self.config.run_id, "env_id": self.config.env_id,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -22,8 +21,10 @@ from hivegym.protocol.config import ConfigError, RunConfig
 from hivegym.protocol.policy import build_policy
 from hivegym.protocol.rollout import Collector, derive_seed
 from hivegym.protocol.rpc import CoordinatorClient, describe_error
+from hivegym.protocol.shutdown import stop_on_signals
 
 logger = logging.getLogger(__name__)
+SHUTDOWN_DEADLINE_S = 6.0  # after a stop signal: the coordinator kills its local peers' groups at 8 s
 
 
 class JoinFailed(RuntimeError):
@@ -111,8 +112,7 @@ def run(options: VolunteerOptions) -> int:
             logger.info("loaded the swarm's state at epoch %d", opt.local_epoch)
         # handlers go in after hivemind's processes have forked, so SIGTERM still ends those at once
         stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+        stop_on_signals(stop, SHUTDOWN_DEADLINE_S)
         train(options, config, client, opt, policy, device, stop)
         return 0
     finally:
@@ -137,8 +137,10 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
     def step(batch_size: int) -> None:
         if stop.is_set():
             raise Stopped
-        epoch = opt.local_epoch
+        epoch, t0 = opt.local_epoch, time.perf_counter()
         opt.step(batch_size=batch_size)
+        if opt.local_epoch != epoch:
+            progress.timings.average += time.perf_counter() - t0
         if options.save_params and opt.local_epoch != epoch:  # right after a global step
             snapshots[opt.local_epoch] = _cpu_copy(policy)
             for old in sorted(snapshots)[1:-3]:  # keep the start and the last three
@@ -153,7 +155,7 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
             rate = progress.samples / max(now - start, 1e-9)
             if now - reported >= 1.0:
                 reported = now
-                coordinator_epoch = report(client, options.name, opt.local_epoch, progress, rate)
+                coordinator_epoch = report(client, options.name, opt.local_epoch, progress, rate, now - start)
                 ok = coordinator_epoch is not None
                 ahead = ahead + 1 if ok and opt.local_epoch > coordinator_epoch else 0
                 if ahead >= 2:  # it ended epochs without the reducer (a failed round): its samples no longer count
@@ -179,16 +181,21 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
         collector.close()
         if options.live_status:
             sys.stderr.write("\n")
+        t = progress.timings
+        logger.info("%.1f s in all: collecting %.1f s, computing gradients %.1f s, optimizer steps %.1f s (of "
+                    "which averaging rounds %.1f s)", time.monotonic() - start, t.collect, t.compute, t.step, t.average)
 
 
-def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress, rate: float) -> int | None:
+def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress, rate: float, wall_s: float
+           ) -> int | None:
     """Send cumulative progress; returns the coordinator's epoch, or None if it did not answer (it may be
     restarting; training goes on)."""
     mean = progress.mean_return()
     try:
         reply = client.report(pb.ReportRequest(peer_name=name, epoch=epoch, env_steps=progress.env_steps,
                                                samples=progress.samples, mean_return=mean or 0.0,
-                                               samples_per_second=rate))
+                                               samples_per_second=rate, wall_s=wall_s,
+                                               **progress.timings.as_dict()))
         return reply.epoch
     except grpc.RpcError as e:
         logger.debug("report failed: %s", describe_error(e))

@@ -38,8 +38,8 @@ class ActorCritic(nn.Module):
     def dist(self, obs: torch.Tensor) -> Distribution:
         out = self.actor(obs)  # [B, act_dim]
         if self.discrete:
-            return Categorical(logits=out)
-        return Normal(out, self.log_std.exp().expand_as(out))
+            return Categorical(logits=out, validate_args=False)  # validation costs more than the MLP here
+        return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
 
     def log_prob(self, dist: Distribution, actions: torch.Tensor) -> torch.Tensor:
         lp = dist.log_prob(actions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -100,8 +101,26 @@ def test_sigterm_stops_everything_within_10s(tmp_path):
     assert elapsed < 10, f"shutdown took {elapsed:.1f}s"
 
 
+def test_sigterm_to_every_process_still_stops_within_10s(tmp_path):
+    # as systemd and `docker stop` do: hivemind's helper processes die first, and the rounds that the main
+    # processes wait on never finish; the stop deadline must still end everything
+    coordinator, address = start_coordinator(tmp_path, "--local-peers", "2")
+    wait_for(lambda: status(address).live_peers == 2 and status(address).epoch >= 1, 120, "two peers, epoch 1")
+    pids = [coordinator.popen.pid, *descendants(coordinator.popen.pid)]
+    started = time.monotonic()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not [p for p in pids if alive(p)], 12, "all processes to be gone", interval=0.1)
+    elapsed = time.monotonic() - started
+    coordinator.stop()
+    assert elapsed < 10, f"shutdown took {elapsed:.1f}s"
+
+
 def descendants(pid: int) -> list[int]:
-    from hivegym.coordinator.local_peers import descendants as find
+    from hivegym.protocol.shutdown import descendants as find
 
     return find(pid)
 
