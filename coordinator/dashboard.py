@@ -26,6 +26,7 @@ PAGE = Path(__file__).with_name("dashboard.html")
 MAX_POINTS = 600  # each history series is thinned to at most this many points per answer
 # PeerRecord fields that the verification work adds; until a record has them they are sent as null
 VERIFICATION_FIELDS = ("audits_passed", "audits_failed", "credits", "banned")
+Points = list[dict[str, float]]
 
 
 class MetricsTail:
@@ -34,12 +35,14 @@ class MetricsTail:
     def __init__(self, path: Path):
         self.path = path
         self.offset = 0
-        self.history: list[dict[str, float]] = []
-        self.evals: list[dict[str, float]] = []
+        self.history: Points = []
+        self.evals: Points = []
         self.at_epoch: dict[int, tuple[float, int]] = {}  # epoch -> (wall_s, env_steps) when it was logged
         self.lock = threading.Lock()
 
-    def read(self) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    def read(self, last_eval: tuple[int, float] | None = None) -> tuple[Points, Points]:
+        """(history, evaluations); last_eval (epoch, return) is the newest one, which reaches metrics.jsonl only
+        with the next epoch's line."""
         with self.lock:
             try:
                 with open(self.path, "rb") as f:
@@ -54,6 +57,8 @@ class MetricsTail:
                     self.add(json.loads(line))
                 except (ValueError, TypeError, KeyError):
                     logger.debug("skipping a malformed line of %s", self.path)
+            if last_eval is not None:
+                self.add_eval(*last_eval)
             return thin(self.history), list(self.evals)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -61,16 +66,19 @@ class MetricsTail:
                  "samples_per_second": float(row["samples_per_second"]), "peers": int(row["peers"])}
         self.history.append(point)
         self.at_epoch[int(row["epoch"])] = (point["wall_s"], point["env_steps"])
-        eval_epoch, eval_return = row.get("eval_epoch"), row.get("eval_return")
-        if eval_return is None or (self.evals and self.evals[-1]["epoch"] == eval_epoch):
+        if row.get("eval_return") is not None:
+            self.add_eval(int(row["eval_epoch"]), float(row["eval_return"]))
+
+    def add_eval(self, epoch: int, mean_return: float) -> None:
+        """An evaluation, plotted where its snapshot was taken (not where its result arrived), once."""
+        if self.evals and self.evals[-1]["epoch"] >= epoch:
             return
-        # plotted where the evaluated snapshot was taken, not where its result arrived
-        wall_s, env_steps = self.at_epoch.get(int(eval_epoch), (point["wall_s"], point["env_steps"]))
-        self.evals.append({"epoch": int(eval_epoch), "return": float(eval_return), "wall_s": wall_s,
-                           "env_steps": env_steps})
+        last = self.history[-1] if self.history else {"wall_s": 0.0, "env_steps": 0}
+        wall_s, env_steps = self.at_epoch.get(epoch, (last["wall_s"], last["env_steps"]))
+        self.evals.append({"epoch": epoch, "return": mean_return, "wall_s": wall_s, "env_steps": env_steps})
 
 
-def thin(points: list[dict[str, float]]) -> list[dict[str, float]]:
+def thin(points: Points) -> Points:
     step = max(1, math.ceil(len(points) / MAX_POINTS))
     kept = points[::step]
     if points and kept[-1] is not points[-1]:
@@ -133,7 +141,8 @@ class Dashboard:
                                                                       "epoch": s.last_eval_epoch},
                 "peers": [peer_row(name, p, now) for name, p in sorted(s.peers.items())],
             }
-        answer["history"], answer["evals"] = self.metrics.read()
+        last = answer["last_eval"]
+        answer["history"], answer["evals"] = self.metrics.read(last and (last["epoch"], last["return"]))
         answer["checkpoints"] = read_checkpoints(self.checkpoints)
         return answer
 

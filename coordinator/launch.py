@@ -99,14 +99,14 @@ class Launch:
             self.ended = time.monotonic()  # wall_s stops here: shutdown is not part of the run
         finally:
             local_peers.stop_all(self.peers)
-            if dashboard is not None:
-                dashboard.close()
             if server is not None:
                 server.stop(grace=1).wait(2)
             evaluator.shutdown(wait=False, cancel_futures=True)
             if self.reached:
                 self.distiller.finish()
             self.distiller.close()
+            if dashboard is not None:  # closed last: it shows the final distillation's packages as they land
+                dashboard.close()
             if trusted is not None:
                 trusted.shutdown()
             kill_descendants()

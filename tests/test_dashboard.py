@@ -83,6 +83,9 @@ def test_status_reports_swarm_peers_and_history(swarm, tmp_path):
     assert s["evals"] == [{"epoch": 2, "return": 20.0, "wall_s": 6.0, "env_steps": 2000},
                           {"epoch": 4, "return": 90.0, "wall_s": 12.0, "env_steps": 4000}]
     assert s["checkpoints"] == [] and s["last_eval"] is None
+    with swarm.state.lock:  # an evaluation that has not reached metrics.jsonl yet is plotted too
+        swarm.state.last_eval_return, swarm.state.last_eval_epoch = 150.0, 5
+    assert status(swarm)["evals"][-1] == {"epoch": 5, "return": 150.0, "wall_s": 15.0, "env_steps": 5000}
 
 
 def test_metrics_are_read_incrementally_and_thinned(swarm, tmp_path):
