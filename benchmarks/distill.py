@@ -98,7 +98,7 @@ def bench_env(env_id: str, quick: bool, teacher_width: int) -> dict:
                          "batch4096_us": per_sample, "batch_speedup": teacher_batch / per_sample,
                          "distill_wall_s": r.wall_s, "iterations": r.iterations})
     return {"env_id": env_id, "teacher": {
-        "config": overrides, "train_env_steps": trained["env_steps"],
+        "config": overrides, "full_config": json.loads(config.to_json()), "train_env_steps": trained["env_steps"],
         "train_wall_s": trained["wall_s"], "target_return": target, "params": parameter_count(teacher),
         "mean_return": teacher_mean, "random_mean_return": float(np.mean(result.random_returns)),
         "latency_us": teacher_latency, "batch4096_us": teacher_batch}, "students": students}
