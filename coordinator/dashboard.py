@@ -64,6 +64,8 @@ class MetricsTail:
     def add(self, row: dict[str, Any]) -> None:
         point = {"wall_s": float(row["wall_s"]), "env_steps": int(row["env_steps"]),
                  "samples_per_second": float(row["samples_per_second"]), "peers": int(row["peers"])}
+        if self.history and point["wall_s"] < self.history[-1]["wall_s"]:  # a restart appended to the file
+            self.history, self.evals, self.at_epoch = [], [], {}
         self.history.append(point)
         self.at_epoch[int(row["epoch"])] = (point["wall_s"], point["env_steps"])
         if row.get("eval_return") is not None:

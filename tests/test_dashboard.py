@@ -98,6 +98,10 @@ def test_metrics_are_read_incrementally_and_thinned(swarm, tmp_path):
     with open(metrics, "a") as f:
         f.write(metric_row(3 * MAX_POINTS)[20:])  # the line completes
     assert status(swarm)["history"][-1]["env_steps"] == 1000 * 3 * MAX_POINTS
+    with open(metrics, "a") as f:  # a restarted coordinator appends to the same file: only its run is shown
+        f.write(metric_row(1) + metric_row(2, 50.0, 1))
+    s = status(swarm)
+    assert [h["env_steps"] for h in s["history"]] == [1000, 2000] and [e["epoch"] for e in s["evals"]] == [1]
 
 
 def test_checkpoints_are_the_published_packages(swarm, tmp_path):
