@@ -114,7 +114,29 @@ def targets(rows: list[dict]) -> dict:
         small = max((s for s in row["students"] if s["param_share"] <= 0.05), key=lambda s: s["params"])
         met = small["return_share"] is not None and small["return_share"] >= 0.95 and small["speedup"] >= 5
         out[row["env_id"]] = {"size": small["size"], "return_share": small["return_share"],
-                              "speedup": small["speedup"], "met": met}
+                              "speedup": small["speedup"], "batch_speedup": small["batch_speedup"], "met": met}
+    return out
+
+
+def flat_table(rows: list[dict]) -> list[dict]:
+    """One row per teacher and student, for benchmarks/RESULTS.md."""
+    out = []
+    for row in rows:
+        if "students" not in row:
+            out.append({"env": row["env_id"], "size": row["error"]})
+            continue
+        t = row["teacher"]
+        out.append({"env": row["env_id"], "size": "teacher", "params": t["params"], "param_share": 1.0,
+                    "mean_return": round(t["mean_return"], 1), "return_share": 1.0,
+                    "latency_us": round(t["latency_us"], 1), "speedup": 1.0, "batch_speedup": 1.0,
+                    "distill_wall_s": None})
+        for s in row["students"]:
+            share = s["return_share"]
+            out.append({"env": row["env_id"], "size": s["size"], "params": s["params"],
+                        "param_share": round(s["param_share"], 4), "mean_return": round(s["mean_return"], 1),
+                        "return_share": None if share is None else round(share, 4),
+                        "latency_us": round(s["latency_us"], 1), "speedup": round(s["speedup"], 2),
+                        "batch_speedup": round(s["batch_speedup"], 2), "distill_wall_s": round(s["distill_wall_s"], 1)})
     return out
 
 
@@ -171,12 +193,13 @@ def main() -> None:
         error = unavailable(env_id)
         rows.append({"env_id": env_id, "error": error} if error else bench_env(env_id, args.quick, args.teacher_width))
     print_table(rows)
-    result = {"benchmark": "distill", "quick": args.quick, "machine": machine(), "sizes": SIZES,
+    result = {"benchmark": "distill", "quick": args.quick, "teacher_width": args.teacher_width,
+              "machine": machine(), "sizes": SIZES,
               "teacher_settings": "distill/teacher.py (PPO, Adam) with RunConfig defaults plus each env's config; "
                                   "eval every 10 rollouts, best-evaluated policy kept",
               "latency": "batch 1, torch.set_num_threads(1), torch.inference_mode, median of 5 x 2000 calls; "
                          "batch_speedup: time per observation in batches of 4096 (compute rather than overhead)",
-              "targets": targets(rows), "envs": rows}
+              "targets": targets(rows), "table": flat_table(rows), "envs": rows}
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(rows, args.out.with_suffix(".png"))
