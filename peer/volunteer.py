@@ -139,6 +139,8 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
             raise Stopped
         epoch, t0 = opt.local_epoch, time.perf_counter()
         opt.step(batch_size=batch_size)
+        if progress.timings.step == 0.0:  # the first gradient this peer contributed
+            logger.info("contributed a first gradient")
         if opt.local_epoch != epoch:
             progress.timings.average += time.perf_counter() - t0
         if options.save_params and opt.local_epoch != epoch:  # right after a global step

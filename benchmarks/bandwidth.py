@@ -1,0 +1,153 @@
+"""Separate hosts with limited bandwidth: the coordinator and two peers in three network namespaces.
+
+Each host's link to the bridge is capped with `tc tbf` on its egress (so every byte a host sends crosses a
+capped link); the swarm solves CartPole-v1 for each bandwidth, compression and sync mode. Measured: wall time to
+an evaluation return of 475 (from the first finished rollout) and bytes each host sends per global step (the
+veth's tx counter: tensors, DHT and gRPC traffic included). Root only: skipped with a message otherwise.
+Writes benchmarks/results/bandwidth.json.
+
+    python benchmarks/bandwidth.py            # unlimited, 100, 20, 5 Mbit/s x every codec x both modes
+    python benchmarks/bandwidth.py --quick    # unlimited and 5 Mbit/s, local mode, no compression and uint8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks_common import machine, print_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import netns  # noqa: E402  (the namespaces the end-to-end tests use)
+
+RESULTS = Path(__file__).with_name("results")
+SETTINGS = [("local", "none"), ("local", "float16"), ("local", "uint8"),
+            ("grad", "none"), ("grad", "float16"), ("grad", "uint8"), ("grad", "powersgd")]
+MODE_OVERRIDES = {"local": [], "grad": ["target_batch_size=1024"]}  # as in swarm_vs_single.py
+LIMITS_MBIT = [None, 100, 20, 5]
+
+
+def tx_bytes(lab: netns.Lab, host: int) -> int:
+    out = subprocess.run([*lab.prefix(host), "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    return int(out)
+
+
+def cap(lab: netns.Lab, mbit: int | None) -> None:
+    for host in range(len(lab.names)):
+        subprocess.run([*lab.prefix(host), "tc", "qdisc", "del", "dev", "eth0", "root"], capture_output=True,
+                       timeout=10)
+        if mbit is not None:
+            burst_kbit = max(32, mbit * 10)  # 10 ms at the line rate
+            subprocess.run([*lab.prefix(host), "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+                            f"{mbit}mbit", "burst", f"{burst_kbit}kbit", "latency", "400ms"],
+                           check=True, capture_output=True, timeout=10)
+
+
+def start(lab: netns.Lab, host: int, args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([*lab.prefix(host), sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                            stderr=open(log, "wb"), stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_once(lab: netns.Lab, mode: str, codec: str, seed: int, max_minutes: float, target: float) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-bw-{mode}-{codec}-"))
+    coordinator_address = lab.addresses[0]
+    overrides = [f"sync_mode={mode}", f"compression={codec}", f"seed={seed}", "distill_sizes=",
+                 *MODE_OVERRIDES[mode]]
+    command = ["hivegym.coordinator.cli", "--host", coordinator_address, "--port", "50051", "--host-maddrs",
+               f"/ip4/{coordinator_address}/tcp/31337", "--run-dir", str(run_dir), "--target-return", str(target),
+               "--max-minutes", str(max_minutes), "--no-dashboard", "--log-level", "WARNING"]
+    for item in overrides:
+        command += ["--set", item]
+    before = [tx_bytes(lab, h) for h in range(3)]
+    coordinator = start(lab, 0, command, run_dir / "coordinator.log")
+    peers: list[subprocess.Popen] = []
+    try:
+        info = run_dir / "coordinator.json"
+        deadline = time.monotonic() + 90
+        while not info.exists() and coordinator.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        join = json.loads(info.read_text())["join"]
+        peers = [start(lab, h, ["hivegym.peer.cli", "--coordinator", join, "--name", f"peer-{h}"],
+                     run_dir / f"peer-{h}.log") for h in (1, 2)]
+        coordinator.communicate(timeout=max_minutes * 60 + 120)
+    finally:
+        for process in (*peers, coordinator):
+            stop(process)
+    sent = [tx_bytes(lab, h) - b for h, b in zip(range(3), before)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epochs = max(summary["epoch"], 1)
+    first = summary["first_report_s"] or 0.0
+    return {"reached": summary["reached"], "train_wall_s": round(summary["wall_s"] - first, 2),
+            "env_steps": summary["env_steps"], "epochs": summary["epoch"],
+            "peer_bytes_per_step": round(statistics.mean(sent[1:]) / epochs),
+            "coordinator_bytes_per_step": round(sent[0] / epochs), "run_dir": str(run_dir)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="target return 30, unlimited and 5 Mbit/s, float16")
+    parser.add_argument("--max-minutes", type=float, default=4.0, help="limit per run")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bandwidth.json")
+    args = parser.parse_args()
+    reason = netns.unavailable()
+    if reason:
+        print(f"bandwidth benchmark skipped: {reason}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"benchmark": "bandwidth", "skipped": reason, "machine": machine(),
+                                        "table": [{"skipped": reason}]}, indent=2))
+        return
+    settings = [("local", "float16")] if args.smoke else (
+        [("local", "none"), ("local", "uint8")] if args.quick else SETTINGS)
+    limits = [None, 5] if (args.smoke or args.quick) else LIMITS_MBIT
+    target, max_minutes = (30.0, 1.5) if args.smoke else (475.0, args.max_minutes)
+
+    rows = []
+    with netns.Lab(3, subnet="10.78.0") as lab:
+        for mbit in limits:
+            cap(lab, mbit)
+            for mode, codec in settings:
+                started = time.monotonic()
+                row = {"link": "unlimited" if mbit is None else f"{mbit} Mbit/s", "mode": mode, "compression": codec,
+                       **run_once(lab, mode, codec, 0, max_minutes, target)}
+                rows.append(row)
+                print(f"  {row['link']} {mode} {codec}: reached={row['reached']} train_wall={row['train_wall_s']}s "
+                      f"{row['peer_bytes_per_step']} B/peer/step ({time.monotonic() - started:.0f}s)", file=sys.stderr)
+    for row in rows:  # ratios against the same setting unlimited, and against no compression on the same link
+        same = [r for r in rows if r["link"] == "unlimited" and (r["mode"], r["compression"]) == (row["mode"], row["compression"])]
+        plain = [r for r in rows if r["link"] == row["link"] and r["mode"] == row["mode"] and r["compression"] == "none"]
+        row["wall_vs_unlimited"] = (round(row["train_wall_s"] / same[0]["train_wall_s"], 2)
+                                    if same and row["reached"] and same[0]["reached"] else None)
+        row["bytes_vs_uncompressed"] = (round(row["peer_bytes_per_step"] / plain[0]["peer_bytes_per_step"], 2)
+                                        if plain and plain[0]["peer_bytes_per_step"] else None)
+        del row["run_dir"]
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "bandwidth", "seeds": 1, "machine": machine(), "table": rows,
+                                    "mode_overrides": MODE_OVERRIDES}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
