@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.mark.timeout(1200)
 def test_every_benchmark_runs_and_writes_its_results(tmp_path):
     report = BENCHMARKS / "RESULTS.md"
     before = report.stat().st_mtime_ns if report.exists() else None
