@@ -90,7 +90,12 @@ class Launch:
             logger.info("trusted peer listening on %s", " ".join(maddrs))
             logger.info("gRPC server on %s:%d; join with:\n    hivegym-join --coordinator %s",
                         self.options.host, port, join)
-            stop_on_signals(self.stop, SHUTDOWN_DEADLINE_S, self.kill_peers)
+            request_stop = stop_on_signals(self.stop, SHUTDOWN_DEADLINE_S, self.kill_peers)
+            if self.options.max_minutes:  # the loop ends the run at the deadline; this is for a loop stuck in hivemind
+                backstop = threading.Timer(self.options.max_minutes * 60 + self.config.averaging_timeout + 30,
+                                           request_stop)
+                backstop.daemon = True
+                backstop.start()
             for i in range(self.options.local_peers):
                 self.peers.append(local_peers.LocalPeer(
                     f"local-{i}", f"127.0.0.1:{port}", self.options.run_dir / f"peer-{i}.log",

@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 def stop_on_signals(stop: threading.Event, deadline_s: float, before_exit: Callable[[], None] = lambda: None
-                    ) -> None:
+                    ) -> Callable[..., None]:
     """SIGINT and SIGTERM set `stop`; if the process is still here `deadline_s` later, before_exit() runs, every
-    descendant is killed and the process exits with status 1."""
+    descendant is killed and the process exits with status 1. Returns the handler, for stops of other causes."""
 
     def force_exit() -> None:
         logger.error("shutdown did not finish within %.0f s; killing the processes left", deadline_s)
@@ -35,10 +35,13 @@ def stop_on_signals(stop: threading.Event, deadline_s: float, before_exit: Calla
     def handle(*_) -> None:
         if not stop.is_set():
             stop.set()
-            threading.Timer(deadline_s, force_exit).start()
+            timer = threading.Timer(deadline_s, force_exit)
+            timer.daemon = True  # a process that finishes its shutdown in time exits without waiting for it
+            timer.start()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handle)
+    return handle
 
 
 def descendants(pid: int) -> list[int]:

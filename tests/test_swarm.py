@@ -94,8 +94,10 @@ def test_sigterm_stops_everything_within_10s(tmp_path):
     pids = descendants(coordinator.popen.pid)
     started = time.monotonic()
     coordinator.popen.send_signal(signal.SIGTERM)
-    coordinator.popen.wait(timeout=15)
+    out, _ = coordinator.popen.communicate(timeout=15)
     elapsed = time.monotonic() - started
+    assert json.loads(out.decode().strip().splitlines()[-1])["reached"] is False  # an orderly exit, not the deadline's
+    assert "shutdown did not finish" not in coordinator.text()
     wait_for(lambda: not [p for p in pids if alive(p)], 3, "all processes to be gone", interval=0.1)
     coordinator.stop()
     assert elapsed < 10, f"shutdown took {elapsed:.1f}s"
