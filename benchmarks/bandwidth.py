@@ -135,8 +135,9 @@ def main() -> None:
                 print(f"  {row['link']} {mode} {codec}: reached={row['reached']} train_wall={row['train_wall_s']}s "
                       f"{row['peer_bytes_per_step']} B/peer/step ({time.monotonic() - started:.0f}s)", file=sys.stderr)
     for row in rows:  # ratios against the same setting unlimited, and against no compression on the same link
-        same = [r for r in rows if r["link"] == "unlimited" and (r["mode"], r["compression"]) == (row["mode"], row["compression"])]
-        plain = [r for r in rows if r["link"] == row["link"] and r["mode"] == row["mode"] and r["compression"] == "none"]
+        setting = (row["mode"], row["compression"])
+        same = [r for r in rows if r["link"] == "unlimited" and (r["mode"], r["compression"]) == setting]
+        plain = [r for r in rows if (r["link"], r["mode"], r["compression"]) == (row["link"], row["mode"], "none")]
         row["wall_vs_unlimited"] = (round(row["train_wall_s"] / same[0]["train_wall_s"], 2)
                                     if same and row["reached"] and same[0]["reached"] else None)
         row["bytes_vs_uncompressed"] = (round(row["peer_bytes_per_step"] / plain[0]["peer_bytes_per_step"], 2)

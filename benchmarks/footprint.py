@@ -87,8 +87,10 @@ def main() -> None:
         {"measure": "peer: peak RSS of the main process (MiB)", "value": max(r["peer_rss"] for r in runs)},
         {"measure": "peer: peak PSS of all its processes (MiB)", "value": peer_mib,
          "target": "<= 600", "verdict": "met" if peer_mib <= 600 else "MISSED"},
-        {"measure": "coordinator: peak RSS of the main process (MiB)", "value": max(r["coordinator_rss"] for r in runs)},
-        {"measure": "coordinator: peak PSS of all its processes (MiB)", "value": max(r["coordinator_tree_pss"] for r in runs)},
+        {"measure": "coordinator: peak RSS of the main process (MiB)",
+         "value": max(r["coordinator_rss"] for r in runs)},
+        {"measure": "coordinator: peak PSS of all its processes (MiB)",
+         "value": max(r["coordinator_tree_pss"] for r in runs)},
         {"measure": "hivegym-join to first contributed gradient (s, median)", "value": join, "target": "<= 10",
          "verdict": "-" if join is None else ("met" if join <= 10 else "MISSED")},
     ]

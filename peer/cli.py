@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import secrets
 import socket
 import sys
@@ -32,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: small networks run fastest single-threaded)")
     parser.add_argument("--save-params", metavar="FILE", default=None,
-                        help="on exit, write {epoch: parameters} at the start and right after each of the last 3 global steps")
+                        help="write {epoch: parameters} at the start and right after each of the last 3 global "
+                             "steps")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
