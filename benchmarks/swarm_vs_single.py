@@ -65,9 +65,28 @@ def run_swarm_measured(peers: int, mode: str, seed: int, target: float, max_minu
     return result
 
 
-def median(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
+def median(rows: list[dict], key: str, solved_only: bool = False) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None and (r["reached"] or not solved_only)]
     return statistics.median(values) if values else None
+
+
+def summarize(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per system: time and env steps to the target over the solved runs, throughput over all."""
+    base = median(runs["a: single process"], "train_wall_s", solved_only=True)
+    table = []
+    for name, rows in runs.items():
+        wall = median(rows, "train_wall_s", solved_only=True)
+        for row in rows:
+            row["env_steps_per_s"] = round(row["env_steps"] / row["train_wall_s"]) if row["train_wall_s"] else None
+        table.append({
+            "system": name, "solved": f"{sum(r['reached'] for r in rows)}/{len(rows)}",
+            "median_train_wall_s": wall, "median_total_wall_s": median(rows, "wall_s", solved_only=True),
+            "median_env_steps": median(rows, "env_steps", solved_only=True),
+            "env_steps_per_s": median(rows, "env_steps_per_s"),
+            "wall_ratio_vs_a": round(wall / base, 2) if wall and base else None,
+            "bytes_per_peer_step": median(rows, "bytes_per_peer_step"),
+        })
+    return table
 
 
 def main() -> None:
@@ -100,19 +119,7 @@ def main() -> None:
             print(f"  seed {seed} {name}: reached={row['reached']} train_wall={row['train_wall_s']:.1f}s "
                   f"env_steps={row['env_steps']} ({time.monotonic() - started:.0f}s)", file=sys.stderr)
 
-    base = median(runs["a: single process"], "train_wall_s")
-    table = []
-    for name, mode, peers in systems:
-        rows = runs[name]
-        wall = median(rows, "train_wall_s")
-        steps = median(rows, "env_steps")
-        table.append({
-            "system": name, "solved": f"{sum(r['reached'] for r in rows)}/{len(rows)}",
-            "median_train_wall_s": wall, "median_total_wall_s": median(rows, "wall_s"), "median_env_steps": steps,
-            "env_steps_per_s": round(steps / wall) if wall and steps else None,
-            "wall_ratio_vs_a": round(wall / base, 2) if wall and base else None,
-            "bytes_per_peer_step": median(rows, "bytes_per_peer_step"),
-        })
+    table = summarize(runs)
     print_table(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "swarm_vs_single", "target_return": target, "seeds": seeds,
