@@ -100,14 +100,14 @@ def main() -> None:
     for path in sorted((HERE / "results").glob("*.json")):
         data = json.loads(path.read_text())
         m = data["machine"]
-        parts += [f"## {data['benchmark']}", "",
+        parts += [f"## {path.stem}", "",
                   f"Commit {m['commit']}, {m['cores']} cores ({m['cpu']}), torch {m['torch']}, hivemind {m['hivemind']}"
                   f"; seeds: {data.get('seeds', '-')}.", ""]
         if data.get("table"):
             parts += [markdown_table(data["table"]), ""]
         parts += TARGETS.get(data["benchmark"], lambda _: [])(data) + [""]
         if path.with_suffix(".png").exists():
-            parts += [f"![{data['benchmark']}](results/{path.with_suffix('.png').name})", ""]
+            parts += [f"![{path.stem}](results/{path.with_suffix('.png').name})", ""]
     (HERE / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'RESULTS.md'}")
 

@@ -51,8 +51,8 @@ def plot_curves(result: Path) -> Path | None:
         first = system not in colours
         colours.setdefault(system, f"C{len(colours) % 10}")
         wall, steps, returns = zip(*points)
-        by_time.plot(wall, returns, color=colours[system], alpha=0.8, label=system if first else None)
-        by_steps.plot(steps, returns, color=colours[system], alpha=0.8)
+        by_time.plot(wall, returns, ".-", color=colours[system], alpha=0.8, label=system if first else None)
+        by_steps.plot(steps, returns, ".-", color=colours[system], alpha=0.8)
     by_time.set(xlabel="wall time from the first rollout (s)", ylabel="evaluation return", xscale="log")
     by_steps.set(xlabel="env steps", ylabel="evaluation return")
     by_time.legend(fontsize=7)
