@@ -3,7 +3,8 @@
 Each host's link to the bridge is capped with `tc tbf` on its egress (so every byte a host sends crosses a
 capped link); the swarm solves CartPole-v1 for each bandwidth, compression and sync mode. Measured: wall time to
 an evaluation return of 475 (from the first finished rollout) and bytes each host sends per global step (the
-veth's tx counter: tensors, DHT and gRPC traffic included). Root only: skipped with a message otherwise.
+veth's tx counter between the first and the last epoch: tensors, DHT and gRPC traffic included; start-up and
+shutdown left out, and given whole in peer_bytes_in_all). Root only: skipped with a message otherwise.
 Writes benchmarks/results/bandwidth.json.
 
     python benchmarks/bandwidth.py            # unlimited, 100, 20, 5 Mbit/s x every codec x both modes
@@ -90,18 +91,39 @@ def run_once(lab: netns.Lab, mode: str, codec: str, seed: int, max_minutes: floa
         join = json.loads(info.read_text())["join"]
         peers = [start(lab, h, ["hivegym.peer.cli", "--coordinator", join, "--name", f"peer-{h}"],
                      run_dir / f"peer-{h}.log") for h in (1, 2)]
-        coordinator.communicate(timeout=max_minutes * 60 + 120)
+        marks = steady_marks(lab, coordinator, run_dir / "metrics.jsonl", max_minutes * 60 + 120)
     finally:
         for process in (*peers, coordinator):
             stop(process)
     sent = [tx_bytes(lab, h) - b for h, b in zip(range(3), before)]
     summary = json.loads((run_dir / "summary.json").read_text())
-    epochs = max(summary["epoch"], 1)
     first = summary["first_report_s"] or 0.0
-    return {"reached": summary["reached"], "train_wall_s": round(summary["wall_s"] - first, 2),
-            "env_steps": summary["env_steps"], "epochs": summary["epoch"],
-            "peer_bytes_per_step": round(statistics.mean(sent[1:]) / epochs),
-            "coordinator_bytes_per_step": round(sent[0] / epochs), "run_dir": str(run_dir)}
+    row = {"reached": summary["reached"], "train_wall_s": round(summary["wall_s"] - first, 2),
+           "env_steps": summary["env_steps"], "epochs": summary["epoch"],
+           "peer_bytes_per_step": None, "coordinator_bytes_per_step": None,
+           "peer_bytes_in_all": round(statistics.mean(sent[1:])), "run_dir": str(run_dir)}
+    if len(marks) >= 2:  # between the first and the last epoch seen: start-up and shutdown left out
+        (epoch_a, tx_a), (epoch_b, tx_b) = marks[0], marks[-1]
+        steps = epoch_b - epoch_a
+        row["peer_bytes_per_step"] = round(statistics.mean([tx_b[h] - tx_a[h] for h in (1, 2)]) / steps)
+        row["coordinator_bytes_per_step"] = round((tx_b[0] - tx_a[0]) / steps)
+    return row
+
+
+def steady_marks(lab: netns.Lab, coordinator: subprocess.Popen, metrics: Path, timeout: float
+                 ) -> list[tuple[int, list[int]]]:
+    """Waits for the coordinator to exit; returns (epoch, tx bytes per host) when epoch 1 and the last epoch
+    were first seen in metrics.jsonl."""
+    marks: list[tuple[int, list[int]]] = []
+    deadline = time.monotonic() + timeout
+    while coordinator.poll() is None and time.monotonic() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        epoch = json.loads(lines[-1])["epoch"] if lines else 0
+        if epoch >= 1 and (not marks or epoch > marks[-1][0]):
+            mark = (epoch, [tx_bytes(lab, h) for h in range(3)])
+            marks = [marks[0], mark] if marks else [mark]
+        time.sleep(0.25)
+    return marks
 
 
 def main() -> None:
@@ -141,7 +163,8 @@ def main() -> None:
         row["wall_vs_unlimited"] = (round(row["train_wall_s"] / same[0]["train_wall_s"], 2)
                                     if same and row["reached"] and same[0]["reached"] else None)
         row["bytes_vs_uncompressed"] = (round(row["peer_bytes_per_step"] / plain[0]["peer_bytes_per_step"], 2)
-                                        if plain and plain[0]["peer_bytes_per_step"] else None)
+                                        if row["peer_bytes_per_step"] and plain and plain[0]["peer_bytes_per_step"]
+                                        else None)
         del row["run_dir"]
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
