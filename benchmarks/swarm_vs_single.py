@@ -67,7 +67,7 @@ def run_swarm_measured(peers: int, mode: str, seed: int, target: float, max_minu
 
 def median(rows: list[dict], key: str, solved_only: bool = False) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None and (r["reached"] or not solved_only)]
-    return statistics.median(values) if values else None
+    return round(statistics.median(values), 2) if values else None
 
 
 def summarize(runs: dict[str, list[dict]]) -> list[dict]:
