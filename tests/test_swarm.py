@@ -58,9 +58,8 @@ def test_sigkill_one_of_three_peers(tmp_path):
         killed_at = status(address).epoch
         wait_for(lambda: status(address).epoch >= killed_at + 3, 90, "epochs to advance after the kill")
         wait_for(lambda: status(address).live_peers == 2, 30, "the dead peer to drop out of the live count")
-        survivors = status(address).epoch
-        time.sleep(5)
-        assert status(address).epoch > survivors, "the two survivors stopped advancing"
+        survivors = status(address).epoch  # and they keep going: an epoch of 65536 samples takes seconds here
+        wait_for(lambda: status(address).epoch > survivors, 30, "the two survivors to advance again")
     finally:
         for p in peers:
             p.stop()
