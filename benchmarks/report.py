@@ -38,7 +38,8 @@ def vs_sb3(data: dict) -> list[str]:
     measured = {row["env"] for row in data["table"]}
     for env in ("CartPole-v1", "Acrobot-v1", "LunarLander-v3"):
         if env not in measured:
-            lines.append(f"- {env}: not measured in this run (`--quick` runs CartPole-v1 only): target unverified")
+            lines.append(f"- {env}: not measured in this run (`--quick` runs CartPole-v1 only; `--envs` picks): "
+                         "target unverified")
     return lines
 
 
@@ -47,7 +48,8 @@ def env_speed(data: dict) -> list[str]:
     for row in data["table"]:
         if row.get("measure", "").startswith("hivegym Collector"):
             share = row["share_of_raw"]
-            lines.append(f"- collection at >= 70% of the raw env rate; measured {100 * share:.0f}%: {verdict(share >= 0.7)}")
+            lines.append(f"- collection at >= 70% of the raw env rate; measured {100 * share:.0f}%: "
+                         f"{verdict(share >= 0.7)}")
         elif "averaging+other %" in row:
             share = row["averaging+other %"]
             lines.append(f"- {row['measure']}: averaging and waiting <= 15% of its wall time; measured {share}%: "
@@ -63,8 +65,9 @@ def bandwidth(data: dict) -> list[str]:
     lines = []
     if slow:
         best = min(slow, key=lambda r: r["train_wall_s"])
-        lines.append(f"- at 5 Mbit/s the best setting ({best['mode']}, {best['compression']}) solves within 1.3x of its "
-                     f"unlimited time; measured {best['wall_vs_unlimited']}x: {verdict(best['wall_vs_unlimited'] <= 1.3)}")
+        ratio = best["wall_vs_unlimited"]
+        lines.append(f"- at 5 Mbit/s the best setting ({best['mode']}, {best['compression']}) solves within 1.3x of "
+                     f"its unlimited time; measured {ratio}x: {verdict(ratio <= 1.3)}")
     for r in rows:
         if r["compression"] == "uint8" and r["bytes_vs_uncompressed"] is not None:
             lines.append(f"- 8-bit bytes per step <= 30% of uncompressed ({r['link']}, {r['mode']}); measured "

@@ -66,7 +66,8 @@ def plot_curves(result: Path) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all): {', '.join(MODES)}")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all): {', '.join(MODES)}")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="short budgets")
     budget.add_argument("--smoke", action="store_true", help="tiny budgets, only to check that the scripts run")

@@ -123,8 +123,8 @@ def main() -> None:
     print_table(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "swarm_vs_single", "target_return": target, "seeds": seeds,
-                                    "machine": machine(), "mode_settings": MODE_SETTINGS, "table": table, "curves": curves,
-                                    "runs": runs}, indent=2))
+                                    "machine": machine(), "mode_settings": MODE_SETTINGS, "table": table,
+                                    "curves": curves, "runs": runs}, indent=2))
     print(f"wrote {args.out}")
 
 

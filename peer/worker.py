@@ -101,7 +101,8 @@ def train_alone(config: RunConfig, target_return: float, max_env_steps: int, log
             returns = evaluate(policy, config.env_id, config.eval_episodes, config.eval_seed)
             eval_return = sum(returns) / len(returns)
             if log:
-                log({"wall_s": time.perf_counter() - start, "env_steps": progress.env_steps, "eval_return": eval_return})
+                log({"wall_s": time.perf_counter() - start, "env_steps": progress.env_steps,
+                     "eval_return": eval_return})
             if eval_return >= target_return:
                 break
     collector.close()
