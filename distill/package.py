@@ -4,7 +4,6 @@ them under the run directory, keeping the best package per size."""
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from pathlib import Path
 from typing import Any
