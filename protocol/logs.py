@@ -10,6 +10,7 @@ import warnings
 HARMLESS = (
     "'_asyncio.Future' object has no attribute 'finalize'",
     "did not shut down within the grace period",
+    "Task was destroyed but it is pending",  # hivemind's background loops, collected at exit
 )
 
 
@@ -26,6 +27,7 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     handler.addFilter(DropHarmless())
+    logging.getLogger("asyncio").addFilter(DropHarmless())
     root = logging.getLogger("hivegym")
     root.handlers[:] = [handler]
     root.setLevel(level)
