@@ -1,1 +1,2 @@
-"""Distillation of the shared policy into small students (arrives with the distillation issue)."""
+"""Distillation of the shared policy into small students: DAgger training, actors, signed checkpoint packages,
+hivegym-pull and hivegym-play."""
