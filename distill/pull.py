@@ -98,15 +98,15 @@ class Progress:
               f"{done / 1024:.1f}/{self.total / 1024:.1f} KiB", end="\n" if final else "", file=sys.stderr, flush=True)
 
 
-def download(client, manifest: dict, part: Path, retries: int) -> bytes:
+def download(client, manifest: dict, part: Path, retries: int, on_progress=lambda done, final=False: None) -> bytes:
     """Stream the weights into `part`, resuming from its size after a failure; returns the manifest bytes the
-    coordinator sent with them (verified by the caller, with the file)."""
+    coordinator sent with them (verified by the caller, with the file). on_progress(bytes so far, final)."""
     import grpc
 
     from hivegym.protocol.rpc import describe_error
 
     name, sha, total = manifest["name"], manifest["weights"]["sha256"], manifest["weights"]["bytes"]
-    progress, failures, manifest_bytes = Progress(name, total), 0, None
+    failures, manifest_bytes = 0, None
     with open(part, "ab") as out:
         while True:
             start = offset = out.tell()
@@ -122,7 +122,7 @@ def download(client, manifest: dict, part: Path, retries: int) -> bytes:
                                         f"or past the end; nothing was saved")
                     out.write(chunk.data)
                     offset += len(chunk.data)
-                    progress.update(offset)
+                    on_progress(offset)
                 if offset == total:
                     break
                 error = f"the download ended at {offset} of {total} bytes (truncated)"
@@ -134,7 +134,7 @@ def download(client, manifest: dict, part: Path, retries: int) -> bytes:
             if failures >= retries:
                 raise PullError(f"cannot download {name!r}: {error}; gave up after {failures} attempts")
             time.sleep(min(0.5 * 2 ** failures, 5.0))
-    progress.update(offset, final=True)
+    on_progress(offset, final=True)
     return manifest_bytes or b""
 
 
@@ -171,7 +171,8 @@ def pull(args: argparse.Namespace) -> int:
         part = args.output / f".{chosen['name']}.pt.part"
         part.unlink(missing_ok=True)
         try:
-            sent = download(client, chosen, part, args.retries)
+            bar = Progress(chosen["name"], chosen["weights"]["bytes"])
+            sent = download(client, chosen, part, args.retries, bar.update)
             manifest = parse_manifest(sent)
             verify_signature(manifest, target.public_key)
             if manifest["name"] != chosen["name"]:
