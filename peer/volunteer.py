@@ -141,9 +141,10 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
         opt.step(batch_size=batch_size)
         if progress.timings.step == 0.0:  # the first gradient this peer contributed
             logger.info("contributed a first gradient")
-        if opt.local_epoch != epoch:
-            progress.timings.average += time.perf_counter() - t0
-        if options.save_params and opt.local_epoch != epoch:  # right after a global step
+        if opt.local_epoch == epoch:
+            return
+        progress.timings.average += time.perf_counter() - t0  # this step ended an epoch: an averaging round
+        if options.save_params:  # right after a global step
             snapshots[opt.local_epoch] = _cpu_copy(policy)
             for old in sorted(snapshots)[1:-3]:  # keep the start and the last three
                 del snapshots[old]
