@@ -24,6 +24,7 @@ from hivegym.protocol.rpc import CoordinatorClient, describe_error
 from hivegym.protocol.shutdown import stop_on_signals
 
 logger = logging.getLogger(__name__)
+AHEAD_REPORTS = 5
 SHUTDOWN_DEADLINE_S = 6.0  # after a stop signal: the coordinator kills its local peers' groups at 8 s
 
 
@@ -161,7 +162,9 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
                 coordinator_epoch = report(client, options.name, opt.local_epoch, progress, rate, now - start)
                 ok = coordinator_epoch is not None
                 ahead = ahead + 1 if ok and opt.local_epoch > coordinator_epoch else 0
-                if ahead >= 2:  # it ended epochs without the reducer (a failed round): its samples no longer count
+                # ahead for AHEAD_REPORTS reports (seconds): it ended epochs without the reducer (a failed round) and
+                # its samples no longer count; a shorter lead is only the coordinator's epoch lagging its own step
+                if ahead >= AHEAD_REPORTS:
                     logger.warning("epoch %d is past the coordinator's %d; reloading the swarm's state",
                                    opt.local_epoch, coordinator_epoch)
                     swarm.resync(opt, coordinator_epoch)

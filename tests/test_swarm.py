@@ -39,14 +39,19 @@ def test_two_local_peers_solve_cartpole(tmp_path):
     assert rows and {"time", "epoch", "env_steps", "samples_per_second", "peers", "eval_return"} <= rows[-1].keys()
     assert json.loads((run_dir / "summary.json").read_text())["reached"] is True
 
-    # both peers hold the same parameters right after the last global step they both took
-    peers = [torch.load(run_dir / f"peer-{i}.params.pt", weights_only=True) for i in range(2)]
-    common = sorted(set(peers[0]) & set(peers[1]))
-    assert common and common[-1] > 0, f"no common epoch: {list(peers[0])} vs {list(peers[1])}"
-    difference = max_difference(peers[0][common[-1]], peers[1][common[-1]])
+    # both peers hold the same parameters right after the last global step they both took. A peer that once
+    # ended an epoch alone (a round that found no group) keeps averaging with the others under an epoch label
+    # one higher, so the other's snapshot may carry the same epoch or the next one
+    behind, ahead = sorted((torch.load(run_dir / f"peer-{i}.params.pt", weights_only=True) for i in range(2)),
+                           key=lambda snapshots: max(snapshots))
+    last = max(behind)
+    assert last > 0, f"no global step: {list(behind)}"
+    pairs = [epoch for epoch in (last, last + 1) if epoch in ahead]
+    assert pairs, f"no snapshot of the other peer at epoch {last} or {last + 1}: {list(ahead)}"
+    difference = min(max_difference(behind[last], ahead[epoch]) for epoch in pairs)
     initial = build_policy("CartPole-v1", 64, 2, 0).state_dict()
-    assert max_difference(peers[0][common[-1]], initial) > 0.1  # they did train
-    assert difference < 1e-3, f"peers differ by {difference} at epoch {common[-1]}"
+    assert max_difference(behind[last], initial) > 0.1  # they did train
+    assert difference < 1e-3, f"peers differ by {difference} after epoch {last}: {list(behind)} vs {list(ahead)}"
 
 
 def test_sigkill_one_of_three_peers(tmp_path):
