@@ -15,12 +15,15 @@ from pathlib import Path
 from hivegym.coordinator import local_peers
 from hivegym.coordinator.dashboard import Dashboard
 from hivegym.coordinator.distiller import Distiller
+from hivegym.coordinator.ledger import Ledger
 from hivegym.coordinator.server import SwarmState, start_server
+from hivegym.coordinator.verifier import Verifier
 from hivegym.coordinator.trusted_peer import TrustedPeer, evaluate_snapshot, warm_up
 from hivegym.distill.package import summary as checkpoint_summary
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.identity import Identity, encode_key, format_join
 from hivegym.protocol.shutdown import kill_descendants, stop_on_signals
+from hivegym.protocol.work import params_hash
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_DEADLINE_S = 8.0  # after a stop signal; the local peers alone get 4 s to stop
@@ -56,6 +59,15 @@ class LaunchOptions:
     """Port of the dashboard (None: 8080, or any free port if 8080 is taken; 0: any free port)."""
 
 
+def nice_worker() -> None:
+    import os
+
+    import torch
+
+    os.nice(10)
+    torch.set_num_threads(1)
+
+
 class Launch:
     def __init__(self, config: RunConfig, options: LaunchOptions):
         self.config, self.options = config, options
@@ -66,18 +78,24 @@ class Launch:
         self.started = time.monotonic()
         self.ended: float | None = None
         self.distiller = Distiller(config, options.run_dir / "checkpoints", options.identity)
+        self.ledger = Ledger(options.run_dir / "ledger.sqlite")
+        self.verifier: Verifier | None = None
 
     def run(self) -> dict:
         # hivemind first, gRPC after: gRPC then has no threads when hivemind forks (HIVEMIND_NOTES)
         # evaluation runs in its own process: the trusted peer must keep stepping, or a round goes without it
         evaluator = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         evaluator.submit(warm_up)
+        # audits replay batches in their own process, niced: they must never hold up the trusted peer or gRPC
+        self.auditor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=nice_worker)
         trusted = server = state = dashboard = None
         try:
             trusted = TrustedPeer(self.config, self.options.host_maddrs or None, self.options.announce_maddrs or None)
             maddrs = trusted.maddrs()
+            self.verifier = Verifier(self.config, self.options.identity, self.ledger, trusted.allow, trusted.ban)
+            self.verifier.add_epoch(trusted.epoch, trusted.snapshot(), params_hash(trusted.state.behaviour))
             state = SwarmState(self.config.to_json(), maddrs, checkpoints_dir=self.options.run_dir / "checkpoints")
-            server, port = start_server(state, self.options.host, self.options.port)
+            server, port = start_server(state, self.verifier, self.options.host, self.options.port)
             address = f"{self.options.advertise_host}:{port}"
             join = format_join(address, self.options.identity.public_key)
             info = {"grpc": address, "maddrs": maddrs, "public_key": encode_key(self.options.identity.public_key),
@@ -98,8 +116,10 @@ class Launch:
                 backstop.start()
             for i in range(self.options.local_peers):
                 self.peers.append(local_peers.LocalPeer(
-                    f"local-{i}", f"127.0.0.1:{port}", self.options.run_dir / f"peer-{i}.log",
-                    ["--save-params", str(self.options.run_dir / f"peer-{i}.params.pt")]))
+                    f"local-{i}", format_join(f"127.0.0.1:{port}", self.options.identity.public_key),
+                    self.options.run_dir / f"peer-{i}.log",
+                    ["--save-params", str(self.options.run_dir / f"peer-{i}.params.pt"),
+                     "--identity", str(self.options.run_dir / f"peer-{i}.key")]))
             self.loop(trusted, state, evaluator)
             self.ended = time.monotonic()  # wall_s stops here: shutdown is not part of the run
         finally:
@@ -107,6 +127,7 @@ class Launch:
             if server is not None:
                 server.stop(grace=1).wait(2)
             evaluator.shutdown(wait=False, cancel_futures=True)
+            self.auditor.shutdown(wait=False, cancel_futures=True)
             if self.reached:
                 self.distiller.finish()
             self.distiller.close()
@@ -116,7 +137,9 @@ class Launch:
                 trusted.shutdown()
             kill_descendants()
             self.metrics.close()
-        return self.summary(trusted, state)
+        result = self.summary(trusted, state)
+        self.ledger.close()
+        return result
 
     def kill_peers(self) -> None:
         for peer in self.peers:
@@ -136,10 +159,15 @@ class Launch:
         pending: Future | None = None
         pending_snapshot: dict | None = None
         pending_epoch = logged_epoch = last_eval_epoch = 0
+        kept_epoch = trusted.epoch
 
         def after_step() -> bool:
             """Returns True when the run is over."""
-            nonlocal pending, pending_snapshot, pending_epoch, logged_epoch, last_eval_epoch
+            nonlocal pending, pending_snapshot, pending_epoch, logged_epoch, last_eval_epoch, kept_epoch
+            if trusted.epoch != kept_epoch:  # parameters of every epoch, for audits and late joiners' checks
+                kept_epoch = trusted.epoch
+                self.verifier.add_epoch(kept_epoch, trusted.snapshot(), params_hash(trusted.state.behaviour))
+            self.verifier.pump(self.auditor)
             if self.stop.is_set():
                 return True
             if time.monotonic() > deadline:
@@ -195,9 +223,9 @@ class Launch:
                   "epoch": trusted.epoch if trusted else 0,
                   "checkpoints": checkpoint_summary(self.options.run_dir / "checkpoints")}
         first = None if state is None or state.first_report is None else round(state.first_report - self.started, 2)
-        peers = {} if state is None else {name: {"env_steps": p.env_steps, "samples": p.samples, **p.timings}
-                                          for name, p in state.peers.items()}
+        peers = {} if state is None else {p.name: {"peer_id": pid, "env_steps": p.env_steps, "samples": p.samples,
+                                                   **p.timings} for pid, p in state.peers.items()}
         details = {**result, "first_report_s": first, "run_dir": str(self.options.run_dir),
-                   "config": json.loads(self.config.to_json()), "peers": peers}
+                   "config": json.loads(self.config.to_json()), "peers": peers, "ledger": self.ledger.leaderboard()}
         (self.options.run_dir / "summary.json").write_text(json.dumps(details, indent=2))
         return result

@@ -1,5 +1,5 @@
-"""The coordinator's gRPC server: Join, Report, Status and the checkpoint downloads over a thread pool, with
-reflection."""
+"""The coordinator's gRPC server over a thread pool, with reflection: Join, RenewToken, SubmitReceipt and EpochHash
+(checked by coordinator/verifier.py), Status, and the checkpoint downloads."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 
 from hivegym.coordinator.checkpoint_service import CheckpointStore
+from hivegym.coordinator.verifier import Refused, Verifier
 from hivegym.protocol import hivegym_pb2 as pb
-from hivegym.protocol.rpc import (MAX_TRANSPORT_BYTES, REQUEST_TYPES, SERVICE, STREAMING, TIMING_FIELDS, BadRequest,
-                                  parse_request)
+from hivegym.protocol.identity import peer_id
+from hivegym.protocol.rpc import MAX_TRANSPORT_BYTES, REQUEST_TYPES, SERVICE, STREAMING, BadRequest, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ UINT64_MAX = 2**64 - 1  # peers report uint64 counters; their sum saturates here
 
 @dataclass
 class PeerRecord:
+    name: str
     device: str
     joined: float
     last_seen: float
@@ -35,7 +37,7 @@ class PeerRecord:
     samples: int = 0
     mean_return: float = 0.0
     samples_per_second: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)  # cumulative seconds per phase, from its reports
+    timings: dict[str, float] = field(default_factory=dict)  # cumulative seconds per phase, from its receipts
 
 
 @dataclass
@@ -45,14 +47,14 @@ class SwarmState:
     run_config_json: str
     bootstrap_maddrs: list[str]
     started: float = field(default_factory=time.monotonic)
-    first_report: float | None = None  # monotonic time of the first volunteer Report (training has begun)
+    first_report: float | None = None  # monotonic time of the first volunteer receipt (training has begun)
     epoch: int = 0
     own_env_steps: int = 0
-    retired_env_steps: int = 0  # env steps of peers that re-joined under the same name
+    retired_env_steps: int = 0  # env steps of peers that joined again with the same key
     own_samples_per_second: float = 0.0
     last_eval_return: float | None = None
     last_eval_epoch: int = 0
-    peers: dict[str, PeerRecord] = field(default_factory=dict)
+    peers: dict[str, PeerRecord] = field(default_factory=dict)  # by peer id
     checkpoints_dir: Path | None = None  # where the signed checkpoint packages are published
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -69,46 +71,62 @@ class SwarmState:
 class CoordinatorService:
     """Handlers take raw bytes so that undecodable input gets INVALID_ARGUMENT, not gRPC's INTERNAL."""
 
-    def __init__(self, state: SwarmState):
-        self.state = state
+    def __init__(self, state: SwarmState, verifier: Verifier):
+        self.state, self.verifier = state, verifier
 
     def join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        with self.state.lock:
+            if len(self.state.peers) >= MAX_PEERS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this swarm already has {MAX_PEERS} peers")
+        token = self.verifier.join(request.peer_name, request.device, request.credentials)
+        pid = peer_id(request.credentials.public_key)
         now = time.monotonic()
         with self.state.lock:
-            known = request.peer_name in self.state.peers
-            if not known and len(self.state.peers) >= MAX_PEERS:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this swarm already has {MAX_PEERS} peers")
-            if known:  # a peer that restarts keeps its name; its counters start again from zero
-                self.state.retired_env_steps += self.state.peers[request.peer_name].env_steps
-            self.state.peers[request.peer_name] = PeerRecord(request.device, now, now)
-        logger.info("peer %s joined (%s)", request.peer_name, request.device)
-        return pb.JoinReply(run_config_json=self.state.run_config_json,
-                            bootstrap_maddrs=self.state.bootstrap_maddrs)
+            old = self.state.peers.get(pid)
+            if old is not None:  # a peer that restarts keeps its key; its counters start again from zero
+                self.state.retired_env_steps += old.env_steps
+            self.state.peers[pid] = PeerRecord(request.peer_name, request.device, now, now)
+        logger.info("peer %s (%s) joined (%s)", request.peer_name, pid, request.device)
+        return pb.JoinReply(run_config_json=self.state.run_config_json, bootstrap_maddrs=self.state.bootstrap_maddrs,
+                            token=token)
 
-    def report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportReply:
+    def renew_token(self, request: pb.RenewTokenRequest, context: grpc.ServicerContext) -> pb.TokenReply:
+        return self.verifier.renew(request.peer_name, request.credentials)
+
+    def submit_receipt(self, request: pb.SubmitReceiptRequest, context: grpc.ServicerContext
+                       ) -> pb.SubmitReceiptReply:
+        receipt = self.verifier.submit(request.receipt, request.signature)
         with self.state.lock:
-            peer = self.state.peers.get(request.peer_name)
-            if peer is None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unknown peer {request.peer_name!r}: Join first")
-            if request.env_steps < peer.env_steps or request.samples < peer.samples:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "cumulative env_steps and samples cannot decrease")
-            peer.last_seen = time.monotonic()
-            if self.state.first_report is None:
-                self.state.first_report = peer.last_seen
-            peer.epoch, peer.env_steps, peer.samples = request.epoch, request.env_steps, request.samples
-            peer.mean_return, peer.samples_per_second = request.mean_return, request.samples_per_second
-            peer.timings = {name: getattr(request, name) for name in TIMING_FIELDS}
-            return pb.ReportReply(epoch=self.state.epoch)
+            peer = self.state.peers.get(receipt.peer_id)
+            if peer is not None:
+                peer.last_seen = time.monotonic()
+                if self.state.first_report is None:
+                    self.state.first_report = peer.last_seen
+                peer.epoch = receipt.epoch
+                peer.env_steps += receipt.env_steps
+                peer.samples += receipt.env_steps * self.verifier.config.update_epochs
+                returns = [r for per_env in receipt.returns for r in per_env]
+                if returns:
+                    peer.mean_return = sum(returns) / len(returns)
+                peer.samples_per_second = peer.samples / max(receipt.wall_s, 1e-3)
+                for name in ("collect_s", "compute_s", "step_s", "average_s"):
+                    peer.timings[name] = peer.timings.get(name, 0.0) + getattr(receipt, name)
+                peer.timings["wall_s"] = receipt.wall_s
+            return pb.SubmitReceiptReply(epoch=self.state.epoch)
+
+    def epoch_hash(self, request: pb.EpochHashRequest, context: grpc.ServicerContext) -> pb.EpochHashReply:
+        return self.verifier.signed_hash(request.epoch)
 
     def status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         now = time.monotonic()
+        board = [pb.PeerLedger(**row) for row in self.verifier.ledger.leaderboard()]
         with self.state.lock:
             s = self.state
             return pb.StatusReply(
                 epoch=s.epoch, live_peers=len(s.live_peers(now)), samples_per_second=s.samples_per_second(now),
                 env_steps=min(s.env_steps(), UINT64_MAX), has_eval=s.last_eval_return is not None,
                 last_eval_return=s.last_eval_return or 0.0, last_eval_epoch=s.last_eval_epoch,
-                uptime_s=now - s.started,
+                uptime_s=now - s.started, peers=board, coordinator_key=self.verifier.identity.public_key,
             )
 
 
@@ -118,18 +136,23 @@ def _handler(method: str, fn):
             request = parse_request(method, data)
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return fn(request, context)
+        try:
+            return fn(request, context)
+        except Refused as e:
+            context.abort(e.code, str(e))
 
     kind = grpc.unary_stream_rpc_method_handler if method in STREAMING else grpc.unary_unary_rpc_method_handler
     return kind(handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
 
 
-def start_server(state: SwarmState, host: str, port: int, workers: int = 8) -> tuple[grpc.Server, int]:
+def start_server(state: SwarmState, verifier: Verifier, host: str, port: int, workers: int = 8
+                 ) -> tuple[grpc.Server, int]:
     """Start the server; returns (server, bound port). Raises RuntimeError if the address cannot be bound."""
-    service, store = CoordinatorService(state), CheckpointStore(state.checkpoints_dir)
+    service, store = CoordinatorService(state, verifier), CheckpointStore(state.checkpoints_dir)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES)])
-    methods = {"Join": service.join, "Report": service.report, "Status": service.status,
+    methods = {"Join": service.join, "RenewToken": service.renew_token, "SubmitReceipt": service.submit_receipt,
+               "EpochHash": service.epoch_hash, "Status": service.status,
                "ListCheckpoints": store.list, "DownloadCheckpoint": store.download}
     assert methods.keys() == REQUEST_TYPES.keys()
     server.add_generic_rpc_handlers(

@@ -12,27 +12,36 @@ from typing import Callable
 
 import torch
 
+from hivegym.coordinator import reducer
 from hivegym.peer import swarm
-from hivegym.peer.worker import Progress, train_rollout
+from hivegym.peer.worker import Epoch, Progress, do_batch
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.policy import build_policy
-from hivegym.protocol.rollout import Collector, derive_seed, evaluate
+from hivegym.protocol.rollout import Collector, evaluate
+from hivegym.protocol.work import batch_seeds
 
 logger = logging.getLogger(__name__)
 
-TRUSTED_NUM_ENVS = 1  # its rollouts are small: it is there to reduce, not to compute
-TRUSTED_MINIBATCH = 8
-TRUSTED_STEP_PAUSE_S = 0.02  # pause after each step; keeps it to a few percent of one core
+TRUSTED_NUM_ENVS = 1  # its batches are small: it is there to reduce, not to compute
+TRUSTED_PAUSE_S = 0.1  # pause after each batch; keeps it to a small share of one core
+BAN_RECORD_S = 7 * 24 * 3600.0
 
 
 class TrustedPeer:
+    """A full hivemind peer whose averagers reduce robustly and serve only peers with access (coordinator/reducer.py)."""
+
     def __init__(self, config: RunConfig, host_maddrs: list[str] | None = None,
                  announce_maddrs: list[str] | None = None):
         self.config = config
-        self.dht = swarm.start_dht([], client_mode=False, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs)
+        self.tag = reducer.owner_tag()
+        reducer.install(config.run_id, self.tag)  # before the averagers fork
+        self.dht = swarm.start_dht([], client_mode=False, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                                   record_validators=reducer.validators(config.run_id, self.tag))
         self.policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
         self.opt = swarm.make_optimizer(self.dht, self.policy, config, client_mode=False)
-        self.collector = Collector(config.env_id, TRUSTED_NUM_ENVS, derive_seed(config.run_id, "coordinator"))
+        self.local_config = _with_envs(config, TRUSTED_NUM_ENVS)
+        self.collector = Collector(config.env_id, TRUSTED_NUM_ENVS, 0)
+        self.state = Epoch(self.policy, self.opt.local_epoch, self.local_config)
         self.progress = Progress()
         self.started = time.monotonic()
 
@@ -44,30 +53,40 @@ class TrustedPeer:
         return swarm.visible_maddrs(self.dht)
 
     def train_once(self, after_step: Callable[[], bool]) -> bool:
-        """One small rollout and its PPO passes; each optimizer step may join an averaging round.
-        after_step() runs after every step; once it returns True the rollout ends and so does this (True)."""
-        done = False
-
-        def step(batch_size: int) -> None:
-            nonlocal done
-            if not done:
-                self.opt.step(batch_size=batch_size)
-                time.sleep(TRUSTED_STEP_PAUSE_S)
-                done = after_step()
-
-        train_rollout(self.policy, self.config, self.collector, step, self.progress,
-                      (self.config.run_id, "coordinator"), TRUSTED_MINIBATCH)
+        """One small batch and its optimizer step (which may join an averaging round), then after_step();
+        returns what after_step returns (True: the run is over)."""
+        seeds = batch_seeds(self.config.run_id, b"coordinator", self.state.number, self.state.next_batch)
+        _, self.state = do_batch(self.policy, self.state, self.collector, seeds, self.progress,
+                                 lambda samples: swarm.step(self.opt, samples))
+        done = after_step()
+        time.sleep(TRUSTED_PAUSE_S)
         return done
 
     def samples_per_second(self) -> float:
         return self.progress.samples / max(time.monotonic() - self.started, 1e-9)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+        """The current epoch's parameters (what peers hold right after the round that began it)."""
+        return {k: v.detach().clone() for k, v in self.state.behaviour.state_dict().items()}
+
+    def allow(self, libp2p_id: str, expires: float) -> None:
+        """Store the access record of a peer in the DHT (signed with this process's key)."""
+        self.dht.store(f"{self.config.run_id}_access", subkey=reducer.subkey(libp2p_id, self.tag), value=expires,
+                       expiration_time=expires, return_future=True)
+
+    def ban(self, libp2p_id: str) -> None:
+        self.dht.store(f"{self.config.run_id}_bans", subkey=reducer.subkey(libp2p_id, self.tag), value=True,
+                       expiration_time=time.time() + BAN_RECORD_S, return_future=True)
 
     def shutdown(self) -> None:
         self.collector.close()
         swarm.shutdown(self.opt, self.dht)
+
+
+def _with_envs(config: RunConfig, num_envs: int) -> RunConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, num_envs=num_envs)
 
 
 def warm_up() -> None:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import socket
 import sys
+from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hivegym-join", description="Join a hivegym swarm as a compute peer.")
     parser.add_argument("--coordinator", required=True, metavar="HOST:PORT[#KEY]",
                         help="the coordinator's gRPC address, or the join string hivegym-launch prints")
+    parser.add_argument("--identity", type=Path, default=None, metavar="FILE",
+                        help="this peer's Ed25519 key, created (mode 0600) if missing; its hash is the peer id "
+                             "(default: $XDG_CONFIG_HOME/hivegym/peer.key, i.e. ~/.config/hivegym/peer.key)")
     parser.add_argument("--name", default=None, help="this peer's name (default: hostname plus a random suffix)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where gradients are computed (default: the best one found)")
@@ -42,13 +47,20 @@ def default_name() -> str:
     return f"{host}-{secrets.token_hex(3)}"
 
 
+def default_identity() -> Path:
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    path = config_home / "hivegym" / "peer.key"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from hivegym.protocol.identity import IdentityError, parse_join
     from hivegym.protocol.logs import setup_logging
 
     try:
-        coordinator = parse_join(args.coordinator).address
+        target = parse_join(args.coordinator)
     except IdentityError as e:
         print(f"hivegym-join: {e}", file=sys.stderr)
         return 2
@@ -59,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from hivegym.peer.volunteer import JoinFailed, VolunteerOptions, run
 
-    options = VolunteerOptions(coordinator=coordinator, name=args.name or default_name(), device=args.device,
+    options = VolunteerOptions(coordinator=target.address, coordinator_key=target.public_key,
+                               identity=args.identity or default_identity(), name=args.name or default_name(), device=args.device,
                                client_mode=args.client_mode, max_minutes=args.max_minutes,
                                live_status=sys.stderr.isatty(), save_params=args.save_params,
                                host_maddrs=tuple(args.host_maddrs), announce_maddrs=tuple(args.announce_maddrs),

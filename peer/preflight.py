@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import socket
 import time
+from typing import Callable
 
 import grpc
 
@@ -21,19 +22,22 @@ LAUNCH_HINT = ("launch the coordinator with --host-maddrs /ip4/0.0.0.0/tcp/PORT 
                "/ip4/ITS_PUBLIC_IP/tcp/PORT and open PORT/tcp in its firewall")
 
 
-def preflight(client: CoordinatorClient, name: str, device: str, p2p_options: dict) -> tuple[pb.JoinReply | None,
-                                                                                             list[str]]:
-    """Join the coordinator and run the checks; returns the Join reply (None if it failed) and the failures.
-    Passed checks are logged in one line, and only when all passed."""
+def preflight(client: CoordinatorClient, join: Callable[[], pb.JoinReply], p2p_options: dict
+              ) -> tuple[pb.JoinReply | None, list[str]]:
+    """Join the coordinator (join() sends the request) and run the checks; returns the Join reply (None if it
+    failed) and the failures. Passed checks are logged in one line, and only when all passed."""
     failures, passed, reply = [], [], None
     started = time.monotonic()
     try:
-        reply = client.join(name, device)
+        reply = join()
         passed.append(f"coordinator {client.address} answers ({time.monotonic() - started:.2f} s)")
     except grpc.RpcError as e:
-        failures.append(f"coordinator: {client.address} does not answer ({describe_error(e)}); check the address "
-                        "(HOST:PORT as hivegym-launch printed it), that hivegym-launch runs there, and that its "
-                        "--port is open to this host")
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            failures.append(f"coordinator: {client.address} does not answer ({describe_error(e)}); check the "
+                            "address (HOST:PORT as hivegym-launch printed it), that hivegym-launch runs there, and "
+                            "that its --port is open to this host")
+        else:
+            failures.append(f"coordinator: {client.address} refused to let this peer join ({describe_error(e)})")
     if reply is not None:
         reachable, problem = check_bootstrap(list(reply.bootstrap_maddrs))
         if problem:

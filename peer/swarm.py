@@ -76,15 +76,15 @@ def compression(name: str) -> CompressionBase:
 
 
 def start_dht(initial_peers: list[str], client_mode: bool, host_maddrs: list[str] | None = None,
-              announce_maddrs: list[str] | None = None, use_relay: bool = True, use_auto_relay: bool = False
-              ) -> hivemind.DHT:
+              announce_maddrs: list[str] | None = None, use_relay: bool = True, use_auto_relay: bool = False,
+              record_validators: list | None = None) -> hivemind.DHT:
     """Start a DHT node; raises with hivemind's reason if the bootstrap peers cannot be reached.
     use_relay: dial peers behind NAT through circuit relays (and serve as a relay: p2pd's default);
     use_auto_relay: behind NAT, reserve a slot at a relay (the bootstrap peers) and announce it."""
     return hivemind.DHT(
         initial_peers=initial_peers, client_mode=client_mode, start=True,
         host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"], announce_maddrs=announce_maddrs,
-        use_relay=use_relay, use_auto_relay=use_auto_relay,
+        use_relay=use_relay, use_auto_relay=use_auto_relay, record_validators=record_validators or (),
     )
 
 
@@ -116,9 +116,13 @@ def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig
     hivemind 1.1.12 ignores the Optimizer's flag unless the DHT is a client too."""
     # request_timeout must stay below matchmaking_time, or matchmaking can deadlock (hivemind's note)
     request_timeout = config.matchmaking_time / 2
+    # local mode: each batch's PPO update is computed by peer/worker.py (it must be replayable for audits), so
+    # hivemind's own local step is a no-op and hivemind only counts samples and averages parameters
+    inner = partial(torch.optim.SGD, lr=0.0) if config.sync_mode == "local" else partial(torch.optim.Adam,
+                                                                                         lr=config.learning_rate)
     common = dict(
         dht=dht, run_id=config.run_id, target_batch_size=config.target_batch_size,
-        optimizer=partial(torch.optim.Adam, lr=config.learning_rate), params=policy.parameters(),
+        optimizer=inner, params=policy.parameters(),
         matchmaking_time=config.matchmaking_time, averaging_timeout=config.averaging_timeout,
         load_state_timeout=config.load_state_timeout, client_mode=client_mode, verbose=False,
         state_averaging_compression=compression(config.compression),
@@ -138,6 +142,13 @@ def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig
         factory = partial(GradientAverager, request_timeout=request_timeout)
     return hivemind.Optimizer(**common, grad_compression=compression(config.compression),
                               grad_averager_factory=factory)
+
+
+def step(opt: hivemind.Optimizer, samples: int) -> int | None:
+    """One optimizer step for a batch of `samples`; returns the new epoch if this step began one."""
+    epoch = opt.local_epoch
+    opt.step(batch_size=samples)
+    return opt.local_epoch if opt.local_epoch != epoch else None
 
 
 def reducers_present(opt: hivemind.Optimizer) -> bool:

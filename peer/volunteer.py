@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
 
 from hivegym.peer import swarm
 from hivegym.peer.preflight import preflight
-from hivegym.peer.worker import Progress, train_rollout
+from hivegym.peer.worker import BatchResult, Epoch, Progress, do_batch
 from hivegym.protocol import hivegym_pb2 as pb
 from hivegym.protocol.config import ConfigError, RunConfig
+from hivegym.protocol.identity import Identity, IdentityError, verify
 from hivegym.protocol.policy import build_policy
-from hivegym.protocol.rollout import Collector, derive_seed
+from hivegym.protocol.receipt import Receipt, ReceiptError, epoch_hash_message, join_message, verify_token
+from hivegym.protocol.rollout import Collector
 from hivegym.protocol.rpc import CoordinatorClient, describe_error
 from hivegym.protocol.shutdown import stop_on_signals
+from hivegym.protocol.work import batch_seeds, params_hash, sketch, sketch_seed
 
 logger = logging.getLogger(__name__)
 AHEAD_REPORTS = 5
@@ -40,6 +43,10 @@ class Stopped(Exception):
 class VolunteerOptions:
     coordinator: str
     """HOST:PORT of the coordinator's gRPC server."""
+    coordinator_key: bytes | None
+    """The coordinator's Ed25519 public key from the join string (None: trust the one it sends, with a warning)."""
+    identity: Path
+    """This peer's Ed25519 key file (created, mode 0600, if missing)."""
     name: str
     """This peer's name in the swarm (letters, digits, '.', '_', '-')."""
     device: str
@@ -82,11 +89,16 @@ def minibatch_for(device: torch.device, config: RunConfig) -> int:
 
 def run(options: VolunteerOptions) -> int:
     device = pick_device(options.device)
+    try:
+        identity = Identity.load_or_create(options.identity)
+    except IdentityError as e:
+        raise JoinFailed(str(e)) from None
     # the run's own timeouts arrive with Join; until then the config's defaults apply
     client = CoordinatorClient(options.coordinator, RunConfig.rpc_timeout, RunConfig.rpc_retries)
     p2p = dict(host_maddrs=list(options.host_maddrs) or None, announce_maddrs=list(options.announce_maddrs) or None,
                use_relay=options.use_relay, use_auto_relay=options.auto_relay)
-    reply, failures = preflight(client, options.name, device.type, p2p)
+    session = Session(client, identity, options.name, options.coordinator_key)
+    reply, failures = preflight(client, lambda: session.join(device.type), p2p)
     if failures:
         client.close()
         raise JoinFailed("\n".join(failures))  # one line per failed check
@@ -95,6 +107,8 @@ def run(options: VolunteerOptions) -> int:
     except (ConfigError, TypeError) as e:
         raise JoinFailed(f"the coordinator sent a run config this hivegym cannot use ({e}); upgrade hivegym")
     client.timeout, client.retries = config.rpc_timeout, config.rpc_retries
+    session.config = config
+    logger.info("joined as peer %s (key %s)", identity.peer_id, options.identity)
 
     dht = opt = None
     try:
@@ -103,77 +117,171 @@ def run(options: VolunteerOptions) -> int:
         except Exception as e:
             raise JoinFailed(f"cannot reach the swarm's bootstrap peers {list(reply.bootstrap_maddrs)} ({e}); "
                              "check that their ports are reachable from here") from None
+        session.libp2p_id = dht.peer_id.to_base58()
+        session.renew()  # binds the token to this hivemind peer id: the trusted peers admit it from now on
         policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed).to(device)
         opt = swarm.make_optimizer(dht, policy, config, client_mode=options.client_mode)
         if not swarm.wait_for_reducer(opt, timeout=config.load_state_timeout):
             raise JoinFailed("no trusted peer of the swarm answered within load_state_timeout; is the coordinator "
                              "still running?")
         if opt.tracker.global_epoch > 0:  # late joiner: start from the swarm's parameters, not from scratch
-            opt.load_state_from_peers()
-            logger.info("loaded the swarm's state at epoch %d", opt.local_epoch)
+            load_verified_state(opt, policy, session)
         # handlers go in after hivemind's processes have forked, so SIGTERM still ends those at once
         stop = threading.Event()
         stop_on_signals(stop, SHUTDOWN_DEADLINE_S)
-        train(options, config, client, opt, policy, device, stop)
+        train(options, config, session, opt, policy, device, stop)
         return 0
     finally:
         swarm.shutdown(opt, dht)
         client.close()
 
 
-def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClient, opt, policy, device, stop
-          ) -> None:
-    actor = copy.deepcopy(policy).cpu() if device.type != "cpu" else None
-    collector = Collector(config.env_id, config.num_envs, derive_seed(config.run_id, options.name, "envs"))
+class Session:
+    """This peer's standing with the coordinator: its key, its token (renewed at half its lifetime), receipts."""
+
+    def __init__(self, client: CoordinatorClient, identity: Identity, name: str, coordinator_key: bytes | None):
+        self.client, self.identity, self.name = client, identity, name
+        self.coordinator_key = coordinator_key
+        self.config: RunConfig | None = None
+        self.libp2p_id = ""
+        self.token_expires = 0.0
+        self.renew_at = 0.0
+
+    def credentials(self) -> pb.Credentials:
+        now = time.time()
+        message = join_message(self.coordinator_key, self.name, self.libp2p_id, now)
+        return pb.Credentials(public_key=self.identity.public_key, libp2p_id=self.libp2p_id, timestamp=now,
+                              signature=self.identity.sign(message))
+
+    def join(self, device: str) -> pb.JoinReply:
+        if self.coordinator_key is None:
+            self.coordinator_key = self.client.status().coordinator_key
+            logger.warning("the join string carries no coordinator key; trusting the key the coordinator sent (%s)",
+                           self.coordinator_key.hex()[:16])
+        reply = self.client.join(self.name, device, self.credentials())
+        self._accept(reply.token)
+        return reply
+
+    def renew(self) -> None:
+        self._accept(self.client.renew_token(self.name, self.credentials()))
+
+    def _accept(self, reply: pb.TokenReply) -> None:
+        try:
+            token = verify_token(reply.token, reply.token_signature, self.coordinator_key)
+        except ReceiptError as e:
+            raise JoinFailed(f"the coordinator's token is not valid ({e}); is this the coordinator of the join "
+                             "string?") from None
+        self.token_expires = token.expires
+        self.renew_at = time.time() + (token.expires - time.time()) / 2
+
+    def renew_if_due(self) -> None:
+        if time.time() >= self.renew_at:
+            try:
+                self.renew()
+            except grpc.RpcError as e:
+                logger.warning("token renewal failed (%s); retrying", describe_error(e))
+                self.renew_at = time.time() + 2.0
+
+    def submit(self, receipt: Receipt) -> tuple[int | None, bool]:
+        """Hand in a receipt; returns (the coordinator's epoch or None if it did not answer, whether this peer's
+        parameters have left the swarm's and it must reload). Other refusals are logged."""
+        data, signature = receipt.sign(self.identity)
+        try:
+            return self.client.submit_receipt(data, signature).epoch, False
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                raise JoinFailed(f"the coordinator banned this peer: {describe_error(e)}") from None
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return None, False
+            logger.warning("receipt for epoch %d batch %d refused: %s", receipt.epoch, receipt.batch,
+                           describe_error(e))
+            return None, e.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def load_verified_state(opt, policy: torch.nn.Module, session: Session, attempts: int = 3) -> None:
+    """Download the swarm's state and check it against the hash the coordinator signed for that epoch."""
+    for _ in range(attempts):
+        opt.load_state_from_peers()
+        epoch = opt.local_epoch
+        try:
+            reply = session.client.epoch_hash(epoch)
+        except grpc.RpcError as e:
+            logger.warning("cannot get the coordinator's hash of epoch %d: %s", epoch, describe_error(e))
+            continue
+        signed = verify(session.coordinator_key, epoch_hash_message(session.config.run_id, epoch, reply.params_hash),
+                        reply.signature)
+        if signed and reply.params_hash == params_hash(policy):
+            logger.info("loaded the swarm's state at epoch %d (hash checked)", epoch)
+            return
+        logger.warning("the state downloaded at epoch %d does not match the coordinator's signed hash; retrying",
+                       epoch)
+    raise JoinFailed("could not download a swarm state that matches the coordinator's signed hash")
+
+
+def make_receipt(session: Session, result: BatchResult, epoch: Epoch, wall_s: float) -> Receipt:
+    config = session.config
+    rollout = result.work.rollout
+    return Receipt(
+        run_id=config.run_id, peer_id=session.identity.peer_id, epoch=result.epoch, batch=result.batch,
+        env_steps=len(result.work.batch), returns=rollout.env_returns, actions=rollout.action_digests(),
+        params_hash=epoch.hash, params_sketch=epoch.sketch,
+        update_sketch=sketch(result.work.update, config.sketch_dim, sketch_seed(config.run_id)),
+        collect_s=result.collect_s, compute_s=result.compute_s, step_s=result.step_s, average_s=result.average_s,
+        wall_s=wall_s)
+
+
+def train(options: VolunteerOptions, config: RunConfig, session: Session, opt, policy, device, stop) -> None:
+    collector = Collector(config.env_id, config.num_envs, 0)
     progress, start = Progress(), time.monotonic()
     deadline = start + options.max_minutes * 60 if options.max_minutes else float("inf")
+    epoch = Epoch(policy, opt.local_epoch, config)
     # {epoch: parameters right after the step that reached it}; the first entry is the starting state
     snapshots = {opt.local_epoch: _cpu_copy(policy)}
     if options.save_params:
         _save_atomically(snapshots, options.save_params)
-    shown = reported = 0.0
+    shown = 0.0
     reporting = True  # False while the coordinator does not answer; logged once per outage
-    ahead = 0  # consecutive reports in which this peer's epoch was past the coordinator's
+    ahead = 0  # consecutive receipts in which this peer's epoch was past the coordinator's
+    used: dict[int, int] = {}  # epoch -> batches done in it (a receipt's (epoch, batch) must never repeat)
 
-    def step(batch_size: int) -> None:
+    def step(samples: int) -> int | None:
         if stop.is_set():
             raise Stopped
-        epoch, t0 = opt.local_epoch, time.perf_counter()
-        opt.step(batch_size=batch_size)
-        if progress.timings.step == 0.0:  # the first gradient this peer contributed
+        new_epoch = swarm.step(opt, samples)
+        if progress.batches == 0:
             logger.info("contributed a first gradient")
-        if opt.local_epoch == epoch:
-            return
-        progress.timings.average += time.perf_counter() - t0  # this step ended an epoch: an averaging round
-        if options.save_params:  # right after a global step
-            snapshots[opt.local_epoch] = _cpu_copy(policy)
+        if new_epoch is not None and options.save_params:  # right after a global step
+            snapshots[new_epoch] = _cpu_copy(policy)
             for old in sorted(snapshots)[1:-3]:  # keep the start and the last three
                 del snapshots[old]
             _save_atomically(snapshots, options.save_params)  # a peer killed later still leaves its file
+        return new_epoch
 
     try:
         while not stop.is_set() and time.monotonic() < deadline:
-            train_rollout(policy, config, collector, step, progress, (config.run_id, options.name),
-                          minibatch_for(device, config), actor)
+            seeds = batch_seeds(config.run_id, session.identity.public_key, epoch.number, epoch.next_batch)
+            result, next_epoch = do_batch(policy, epoch, collector, seeds, progress, step)
             now = time.monotonic()
+            coordinator_epoch, drifted = session.submit(make_receipt(session, result, epoch, now - start))
+            used[epoch.number] = epoch.next_batch
+            epoch = next_epoch
+            ok = coordinator_epoch is not None
+            ahead = ahead + 1 if ok and opt.local_epoch > coordinator_epoch else 0
+            # ahead for AHEAD_REPORTS receipts: it ended epochs without the reducer (a failed round) and its
+            # samples no longer count; a shorter lead is only the coordinator's epoch lagging its own step
+            if ahead >= AHEAD_REPORTS or drifted:
+                logger.warning("epoch %d: this peer's parameters left the swarm's; reloading the swarm's state",
+                               opt.local_epoch)
+                swarm.resync(opt, coordinator_epoch if ok else min(opt.local_epoch, opt.tracker.global_epoch))
+                epoch = Epoch(policy, opt.local_epoch, config, used.get(opt.local_epoch, 0))
+                ahead = 0
+            if ok != reporting:
+                reporting = ok
+                logger.log(logging.INFO if ok else logging.WARNING, "coordinator %s; training goes on",
+                           "answers again" if ok else "does not take receipts")
+            session.renew_if_due()
             rate = progress.samples / max(now - start, 1e-9)
-            if now - reported >= 1.0:
-                reported = now
-                coordinator_epoch = report(client, options.name, opt.local_epoch, progress, rate, now - start)
-                ok = coordinator_epoch is not None
-                ahead = ahead + 1 if ok and opt.local_epoch > coordinator_epoch else 0
-                # ahead for AHEAD_REPORTS reports (seconds): it ended epochs without the reducer (a failed round) and
-                # its samples no longer count; a shorter lead is only the coordinator's epoch lagging its own step
-                if ahead >= AHEAD_REPORTS:
-                    logger.warning("epoch %d is past the coordinator's %d; reloading the swarm's state",
-                                   opt.local_epoch, coordinator_epoch)
-                    swarm.resync(opt, coordinator_epoch)
-                    ahead = 0
-                if ok != reporting:
-                    reporting = ok
-                    logger.log(logging.INFO if ok else logging.WARNING, "coordinator %s; training goes on",
-                               "answers again" if ok else "does not answer reports")
-            line = (f"epoch {opt.local_epoch} | {rate:,.0f} samples/s | contributed {progress.samples:,} samples, "
+            line = (f"epoch {opt.local_epoch} | {rate:,.0f} samples/s | {progress.batches:,} batches, "
                     f"{progress.env_steps:,} env steps | mean return {_fmt(progress.mean_return())}")
             if options.live_status:
                 sys.stderr.write("\r" + line.ljust(100))
@@ -188,24 +296,9 @@ def train(options: VolunteerOptions, config: RunConfig, client: CoordinatorClien
         if options.live_status:
             sys.stderr.write("\n")
         t = progress.timings
-        logger.info("%.1f s in all: collecting %.1f s, computing gradients %.1f s, optimizer steps %.1f s (of "
-                    "which averaging rounds %.1f s)", time.monotonic() - start, t.collect, t.compute, t.step, t.average)
-
-
-def report(client: CoordinatorClient, name: str, epoch: int, progress: Progress, rate: float, wall_s: float
-           ) -> int | None:
-    """Send cumulative progress; returns the coordinator's epoch, or None if it did not answer (it may be
-    restarting; training goes on)."""
-    mean = progress.mean_return()
-    try:
-        reply = client.report(pb.ReportRequest(peer_name=name, epoch=epoch, env_steps=progress.env_steps,
-                                               samples=progress.samples, mean_return=mean or 0.0,
-                                               samples_per_second=rate, wall_s=wall_s,
-                                               **progress.timings.as_dict()))
-        return reply.epoch
-    except grpc.RpcError as e:
-        logger.debug("report failed: %s", describe_error(e))
-        return None
+        logger.info("%.1f s in all: collecting %.1f s, computing contributions %.1f s, optimizer steps %.1f s (of "
+                    "which averaging rounds %.1f s)", time.monotonic() - start, t.collect, t.compute, t.step,
+                    t.average)
 
 
 def _save_atomically(obj: object, path: str) -> None:

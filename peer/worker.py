@@ -1,7 +1,9 @@
-"""The peer's training loop: collect a rollout, then PPO passes whose steps go to an optimizer."""
+"""The peer's training loop, one batch at a time: collect a seeded batch with the epoch's parameters, compute its
+contribution, hand it to the optimizer (one hivemind step per batch), and keep the epoch's state."""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -10,15 +12,17 @@ import torch
 
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.policy import ActorCritic
-from hivegym.protocol.ppo import flatten, minibatches, ppo_loss
-from hivegym.protocol.rollout import Collector, derive_seed
+from hivegym.protocol.ppo import flatten
+from hivegym.protocol.rollout import Collector, evaluate
+from hivegym.protocol.work import (BatchSeeds, Work, batch_seeds, contribution, flat_params, params_hash,
+                                   set_flat_params_, sketch, sketch_seed)
 
-StepFn = Callable[[int], None]  # applies the gradients in .grad; the argument is the minibatch's sample count
+StepFn = Callable[[int], "int | None"]  # one optimizer step for this many samples; the new epoch if it began one
 
 
 @dataclass
 class Timings:
-    """Seconds spent per phase of the loop (collect, compute gradients, optimizer step incl. averaging)."""
+    """Seconds spent per phase of the loop (collect, compute contributions, optimizer steps incl. averaging)."""
 
     collect: float = 0.0
     compute: float = 0.0
@@ -32,8 +36,8 @@ class Timings:
 @dataclass
 class Progress:
     env_steps: int = 0
-    samples: int = 0  # samples contributed to optimizer steps (one per sample per PPO pass)
-    rollouts: int = 0
+    samples: int = 0  # samples handed to the optimizer (a batch counts once per PPO pass)
+    batches: int = 0
     recent_returns: list[float] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
 
@@ -42,67 +46,103 @@ class Progress:
         return sum(tail) / len(tail) if tail else None
 
 
-def ppo_update(policy: ActorCritic, config: RunConfig, batch, step: StepFn, generator: torch.Generator,
-               timings: Timings, minibatch_size: int) -> int:
-    """config.update_epochs shuffled passes; one step() per minibatch. Returns samples stepped."""
-    params = list(policy.parameters())
-    stepped = 0
-    for _ in range(config.update_epochs):
-        for mb in minibatches(batch, minibatch_size, generator):
-            t0 = time.perf_counter()
-            for p in params:
-                p.grad = None
-            loss = ppo_loss(policy, mb, config.clip_coef, config.ent_coef, config.vf_coef)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            t1 = time.perf_counter()
-            step(len(mb))
-            timings.compute += t1 - t0
-            timings.step += time.perf_counter() - t1
-            stepped += len(mb)
-    return stepped
+class Epoch:
+    """A peer's view of the current epoch: its parameters (the behaviour policy, on the CPU), their hash and
+    sketch for receipts, the contributions made so far, and the next batch index."""
+
+    def __init__(self, policy: ActorCritic, epoch: int, config: RunConfig, next_batch: int = 0):
+        self.number, self.config = epoch, config
+        self.behaviour = copy.deepcopy(policy).cpu()
+        self.params = flat_params(policy)  # [P] on the policy's device
+        self.total = torch.zeros_like(self.params)
+        self.count = 0
+        self.hash = params_hash(self.behaviour)
+        self.sketch = sketch(self.params, config.sketch_dim, sketch_seed(config.run_id))
+        self.next_batch = next_batch  # a peer that reloads into an epoch it worked in goes on with its numbering
 
 
-def train_rollout(policy: ActorCritic, config: RunConfig, collector: Collector, step: StepFn, progress: Progress,
-                  seed_parts: tuple, minibatch_size: int | None = None, actor: ActorCritic | None = None) -> None:
-    """One rollout and its PPO update. Sampling and shuffling seeds derive from seed_parts + rollout index.
-    `actor` is a CPU copy of `policy` for collection when the policy learns on an accelerator."""
-    generator = torch.Generator().manual_seed(derive_seed(*seed_parts, progress.rollouts))
+@dataclass
+class BatchResult:
+    work: Work
+    epoch: int
+    batch: int
+    collect_s: float
+    compute_s: float
+    step_s: float = 0.0
+    average_s: float = 0.0
+
+
+def do_batch(policy: ActorCritic, epoch: Epoch, collector: Collector, seeds: BatchSeeds, progress: Progress,
+             step: StepFn) -> tuple[BatchResult, Epoch]:
+    """One batch: collect with the epoch's parameters, compute the contribution, apply it and step the optimizer.
+    Returns the batch's result and the epoch after the step (a new one if the step began it)."""
+    config = epoch.config
+    device = epoch.params.device
     t0 = time.perf_counter()
-    if actor is not None:
-        actor.load_state_dict(policy.state_dict())
-    rollout = collector.collect(actor or policy, config.rollout_steps, config.gamma, generator)
-    progress.timings.collect += time.perf_counter() - t0
-    device = next(policy.parameters()).device
-    batch = flatten(rollout, config.gamma, config.gae_lambda).to(device)
-    progress.samples += ppo_update(policy, config, batch, step, generator, progress.timings,
-                                   minibatch_size or config.minibatch_size)
+    rollout = collector.collect(epoch.behaviour, config.rollout_steps, config.gamma,
+                                torch.Generator().manual_seed(seeds.actions), seed=seeds.envs)
+    t1 = time.perf_counter()
+    batch = flatten(rollout, config.gamma, config.gae_lambda)
+    update = contribution(epoch.behaviour, batch, config, seeds.shuffle, device)
+    t2 = time.perf_counter()
+    result = BatchResult(Work(rollout, batch, update), epoch.number, epoch.next_batch, t1 - t0, t2 - t1)
+    epoch.next_batch += 1
+    with torch.no_grad():
+        if config.sync_mode == "local":  # what goes into the round: the epoch's parameters + the mean contribution
+            epoch.total += update.to(device)
+            epoch.count += 1
+            set_flat_params_(policy, epoch.params + epoch.total / epoch.count)
+        else:  # the optimizer averages these gradients over the swarm, then steps
+            offset = 0
+            for p in policy.parameters():
+                p.grad = update[offset:offset + p.numel()].view_as(p).to(device).clone()
+                offset += p.numel()
+    samples = len(batch) * config.update_epochs
+    new_epoch = step(samples)
+    result.step_s = time.perf_counter() - t2
+    if new_epoch is not None:
+        result.average_s = result.step_s
+        epoch = Epoch(policy, new_epoch, config)
+    elif config.sync_mode == "local":
+        with torch.no_grad():  # between steps the peer holds the epoch's parameters (what a downloader gets)
+            set_flat_params_(policy, epoch.params)
     progress.env_steps += len(batch)
-    progress.rollouts += 1
+    progress.samples += samples
+    progress.batches += 1
     progress.recent_returns = (progress.recent_returns + rollout.episode_returns)[-100:]
+    t = progress.timings
+    t.collect, t.compute = t.collect + result.collect_s, t.compute + result.compute_s
+    t.step, t.average = t.step + result.step_s, t.average + result.average_s
+    return result, epoch
 
 
-def train_alone(config: RunConfig, target_return: float, max_env_steps: int, log: Callable[[dict], None] | None = None
-                ) -> dict:
-    """The same PPO in one plain process (torch Adam, no swarm): the baseline the swarm is measured against."""
+def train_alone(config: RunConfig, target_return: float, max_env_steps: int, log: Callable[[dict], None] | None = None,
+                policy: ActorCritic | None = None) -> dict:
+    """The same batches in one plain process (no swarm; every batch is its own epoch): the baseline the swarm is
+    measured against, and how teachers are trained. Evaluates every `eval_every` batches."""
     from hivegym.protocol.policy import build_policy
-    from hivegym.protocol.rollout import evaluate
 
-    policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
-    adam = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)
-    collector = Collector(config.env_id, config.num_envs, derive_seed(config.run_id, "alone", config.seed))
+    policy = policy or build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
+    collector = Collector(config.env_id, config.num_envs, 0)
     progress, start = Progress(), time.perf_counter()
-    eval_return, evals = None, 0
-    samples_per_epoch = config.target_batch_size
+    epoch = Epoch(policy, 0, config)
+    adam = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)  # grad mode: the swarm's optimizer
+
+    def step(samples: int) -> int:
+        if config.sync_mode == "grad":
+            adam.step()
+        return epoch.number + 1
+
+    eval_return = None
     while progress.env_steps < max_env_steps:
-        train_rollout(policy, config, collector, lambda n: adam.step(), progress, (config.run_id, "alone"))
-        if progress.samples // samples_per_epoch // config.eval_every > evals:
-            evals += 1
+        seeds = batch_seeds(config.run_id, b"alone", epoch.number, 0)
+        _, epoch = do_batch(policy, epoch, collector, seeds, progress, step)
+        if epoch.number % config.eval_every == 0:
             returns = evaluate(policy, config.env_id, config.eval_episodes, config.eval_seed)
             eval_return = sum(returns) / len(returns)
             if log:
                 log({"wall_s": time.perf_counter() - start, "env_steps": progress.env_steps,
-                     "eval_return": eval_return})
+                     "eval_return": eval_return, "policy": policy})
             if eval_return >= target_return:
                 break
     collector.close()

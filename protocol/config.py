@@ -33,9 +33,9 @@ class RunConfig:
     """Base seed: initial weights and every peer's environment seeds derive from it."""
 
     num_envs: int = 8
-    """Vector environments per peer (gymnasium SyncVectorEnv)."""
-    rollout_steps: int = 32
-    """Steps per environment in one rollout; a rollout is num_envs * rollout_steps samples."""
+    """Vector environments per peer (gymnasium SyncVectorEnv); also the env streams of a batch."""
+    rollout_steps: int = 512
+    """Steps per environment in one batch; every batch starts from seeded resets, so this should cover an episode."""
     update_epochs: int = 10
     """PPO passes over each rollout."""
     minibatch_size: int = 256
@@ -57,8 +57,8 @@ class RunConfig:
 
     sync_mode: SyncMode = "local"
     """'grad': average gradients every global step; 'local': local Adam steps, average parameters every epoch."""
-    target_batch_size: int = 65536
-    """Samples (counted per gradient computation) the whole swarm accumulates per epoch."""
+    target_batch_size: int = 81920
+    """Samples the whole swarm accumulates per epoch, a batch counting num_envs * rollout_steps * update_epochs."""
     compression: Compression = "float16"
     """Codec for averaged tensors: none, float16, uint8, blockwise8bit, powersgd."""
     powersgd_rank: int = 4
@@ -82,6 +82,23 @@ class RunConfig:
     eval_seed: int = 1_000_000
     """Seed of the first evaluation episode; episode i uses eval_seed + i."""
 
+    sketch_dim: int = 32
+    """Random directions that receipts project parameters and contributions onto."""
+    audit_rate: float = 0.05
+    """Share of receipts the coordinator replays."""
+    audit_rate_new: float = 0.5
+    """Share replayed of a peer's first new_peer_receipts receipts, and after a failed audit."""
+    new_peer_receipts: int = 10
+    """Receipts a peer counts as new for (audited at audit_rate_new)."""
+    strikes_to_ban: int = 2
+    """Failed audits that ban a peer."""
+    params_history: int = 8
+    """Epochs of parameters the coordinator keeps for audits; older receipts are refused."""
+    token_ttl: float = 120.0
+    """Seconds an access token lasts; peers renew at half of it."""
+    max_env_steps_per_second: float = 1_000_000.0
+    """A peer claiming more env steps since it joined than this rate allows is refused."""
+
     distill_sizes: str = "tiny=0.01,small=0.05,medium=0.2"
     """Students to distil, NAME=FRACTION of the teacher's actor parameters, comma-separated; "" distils none."""
     distill_margin: float = 25.0
@@ -99,10 +116,14 @@ class RunConfig:
                     "minibatch_size", "target_batch_size", "powersgd_rank", "rpc_retries", "eval_every",
                     "eval_episodes", "learning_rate", "matchmaking_time", "averaging_timeout",
                     "load_state_timeout", "rpc_timeout", "max_grad_norm", "distill_iterations",
-                    "distill_episodes"]
+                    "distill_episodes", "sketch_dim", "new_peer_receipts", "strikes_to_ban", "params_history",
+                    "token_ttl", "max_env_steps_per_second"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ["audit_rate", "audit_rate_new"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ["gamma", "gae_lambda", "clip_coef"]:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")

@@ -24,35 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rhivegym.proto\x12\x07hivegym\"J\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\">\n\tJoinReply\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x18\n\x10\x62ootstrap_maddrs\x18\x02 \x03(\t\"\xdf\x01\n\rReportRequest\x12\x11\n\tpeer_name\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tenv_steps\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x13\n\x0bmean_return\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x0e\n\x06wall_s\x18\x07 \x01(\x01\x12\x11\n\tcollect_s\x18\x08 \x01(\x01\x12\x11\n\tcompute_s\x18\t \x01(\x01\x12\x0e\n\x06step_s\x18\n \x01(\x01\x12\x11\n\taverage_s\x18\x0b \x01(\x01\"\x1c\n\x0bReportReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x0f\n\rStatusRequest\"\xb6\x01\n\x0bStatusReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nlive_peers\x18\x02 \x01(\r\x12\x1a\n\x12samples_per_second\x18\x03 \x01(\x01\x12\x11\n\tenv_steps\x18\x04 \x01(\x04\x12\x10\n\x08has_eval\x18\x05 \x01(\x08\x12\x18\n\x10last_eval_return\x18\x06 \x01(\x01\x12\x17\n\x0flast_eval_epoch\x18\x07 \x01(\x04\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\"\x18\n\x16ListCheckpointsRequest\"6\n\x0f\x43heckpointEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"E\n\x14ListCheckpointsReply\x12-\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x18.hivegym.CheckpointEntry\"I\n\x19\x44ownloadCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"[\n\x0f\x43heckpointChunk\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xd8\x02\n\x0b\x43oordinator\x12\x30\n\x04Join\x12\x14.hivegym.JoinRequest\x1a\x12.hivegym.JoinReply\x12\x36\n\x06Report\x12\x16.hivegym.ReportRequest\x1a\x14.hivegym.ReportReply\x12\x36\n\x06Status\x12\x16.hivegym.StatusRequest\x1a\x14.hivegym.StatusReply\x12Q\n\x0fListCheckpoints\x12\x1f.hivegym.ListCheckpointsRequest\x1a\x1d.hivegym.ListCheckpointsReply\x12T\n\x12\x44ownloadCheckpoint\x12\".hivegym.DownloadCheckpointRequest\x1a\x18.hivegym.CheckpointChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rhivegym.proto\x12\x07hivegym\"Z\n\x0b\x43redentials\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tlibp2p_id\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"u\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12)\n\x0b\x63redentials\x18\x04 \x01(\x0b\x32\x14.hivegym.Credentials\"4\n\nTokenReply\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x17\n\x0ftoken_signature\x18\x02 \x01(\x0c\"b\n\tJoinReply\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x18\n\x10\x62ootstrap_maddrs\x18\x02 \x03(\t\x12\"\n\x05token\x18\x03 \x01(\x0b\x32\x13.hivegym.TokenReply\"Q\n\x11RenewTokenRequest\x12\x11\n\tpeer_name\x18\x01 \x01(\t\x12)\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x14.hivegym.Credentials\":\n\x14SubmitReceiptRequest\x12\x0f\n\x07receipt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"#\n\x12SubmitReceiptReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"!\n\x10\x45pochHashRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"G\n\x0e\x45pochHashReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bparams_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x0f\n\rStatusRequest\"\xf3\x01\n\x0bStatusReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nlive_peers\x18\x02 \x01(\r\x12\x1a\n\x12samples_per_second\x18\x03 \x01(\x01\x12\x11\n\tenv_steps\x18\x04 \x01(\x04\x12\x10\n\x08has_eval\x18\x05 \x01(\x08\x12\x18\n\x10last_eval_return\x18\x06 \x01(\x01\x12\x17\n\x0flast_eval_epoch\x18\x07 \x01(\x04\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\"\n\x05peers\x18\t \x03(\x0b\x32\x13.hivegym.PeerLedger\x12\x17\n\x0f\x63oordinator_key\x18\n \x01(\x0c\"\xd4\x01\n\nPeerLedger\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x15\n\rsteps_claimed\x18\x03 \x01(\x04\x12\x16\n\x0esteps_verified\x18\x04 \x01(\x04\x12\x15\n\raudits_passed\x18\x05 \x01(\r\x12\x15\n\raudits_failed\x18\x06 \x01(\r\x12\x0f\n\x07\x63redits\x18\x07 \x01(\x04\x12\x14\n\x0c\x64\x65vice_hours\x18\x08 \x01(\x01\x12\x0e\n\x06\x62\x61nned\x18\t \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\"\x18\n\x16ListCheckpointsRequest\"6\n\x0f\x43heckpointEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"E\n\x14ListCheckpointsReply\x12-\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x18.hivegym.CheckpointEntry\"I\n\x19\x44ownloadCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"[\n\x0f\x43heckpointChunk\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xed\x03\n\x0b\x43oordinator\x12\x30\n\x04Join\x12\x14.hivegym.JoinRequest\x1a\x12.hivegym.JoinReply\x12=\n\nRenewToken\x12\x1a.hivegym.RenewTokenRequest\x1a\x13.hivegym.TokenReply\x12K\n\rSubmitReceipt\x12\x1d.hivegym.SubmitReceiptRequest\x1a\x1b.hivegym.SubmitReceiptReply\x12?\n\tEpochHash\x12\x19.hivegym.EpochHashRequest\x1a\x17.hivegym.EpochHashReply\x12\x36\n\x06Status\x12\x16.hivegym.StatusRequest\x1a\x14.hivegym.StatusReply\x12Q\n\x0fListCheckpoints\x12\x1f.hivegym.ListCheckpointsRequest\x1a\x1d.hivegym.ListCheckpointsReply\x12T\n\x12\x44ownloadCheckpoint\x12\".hivegym.DownloadCheckpointRequest\x1a\x18.hivegym.CheckpointChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hivegym_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOINREQUEST']._serialized_start=26
-  _globals['_JOINREQUEST']._serialized_end=100
-  _globals['_JOINREPLY']._serialized_start=102
-  _globals['_JOINREPLY']._serialized_end=164
-  _globals['_REPORTREQUEST']._serialized_start=167
-  _globals['_REPORTREQUEST']._serialized_end=390
-  _globals['_REPORTREPLY']._serialized_start=392
-  _globals['_REPORTREPLY']._serialized_end=420
-  _globals['_STATUSREQUEST']._serialized_start=422
-  _globals['_STATUSREQUEST']._serialized_end=437
-  _globals['_STATUSREPLY']._serialized_start=440
-  _globals['_STATUSREPLY']._serialized_end=622
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=624
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=648
-  _globals['_CHECKPOINTENTRY']._serialized_start=650
-  _globals['_CHECKPOINTENTRY']._serialized_end=704
-  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=706
-  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=775
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=777
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=850
-  _globals['_CHECKPOINTCHUNK']._serialized_start=852
-  _globals['_CHECKPOINTCHUNK']._serialized_end=943
-  _globals['_COORDINATOR']._serialized_start=946
-  _globals['_COORDINATOR']._serialized_end=1290
+  _globals['_CREDENTIALS']._serialized_start=26
+  _globals['_CREDENTIALS']._serialized_end=116
+  _globals['_JOINREQUEST']._serialized_start=118
+  _globals['_JOINREQUEST']._serialized_end=235
+  _globals['_TOKENREPLY']._serialized_start=237
+  _globals['_TOKENREPLY']._serialized_end=289
+  _globals['_JOINREPLY']._serialized_start=291
+  _globals['_JOINREPLY']._serialized_end=389
+  _globals['_RENEWTOKENREQUEST']._serialized_start=391
+  _globals['_RENEWTOKENREQUEST']._serialized_end=472
+  _globals['_SUBMITRECEIPTREQUEST']._serialized_start=474
+  _globals['_SUBMITRECEIPTREQUEST']._serialized_end=532
+  _globals['_SUBMITRECEIPTREPLY']._serialized_start=534
+  _globals['_SUBMITRECEIPTREPLY']._serialized_end=569
+  _globals['_EPOCHHASHREQUEST']._serialized_start=571
+  _globals['_EPOCHHASHREQUEST']._serialized_end=604
+  _globals['_EPOCHHASHREPLY']._serialized_start=606
+  _globals['_EPOCHHASHREPLY']._serialized_end=677
+  _globals['_STATUSREQUEST']._serialized_start=679
+  _globals['_STATUSREQUEST']._serialized_end=694
+  _globals['_STATUSREPLY']._serialized_start=697
+  _globals['_STATUSREPLY']._serialized_end=940
+  _globals['_PEERLEDGER']._serialized_start=943
+  _globals['_PEERLEDGER']._serialized_end=1155
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1157
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1181
+  _globals['_CHECKPOINTENTRY']._serialized_start=1183
+  _globals['_CHECKPOINTENTRY']._serialized_end=1237
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=1239
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=1308
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=1310
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=1383
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1385
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1476
+  _globals['_COORDINATOR']._serialized_start=1479
+  _globals['_COORDINATOR']._serialized_end=1972
 # @@protoc_insertion_point(module_scope)

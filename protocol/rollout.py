@@ -39,6 +39,12 @@ class Rollout:
     dones: torch.Tensor  # [T, N], 1.0 where the episode ended at this step
     last_value: torch.Tensor  # [N], V(obs after the last step)
     episode_returns: list[float]  # returns of episodes that ended during this rollout
+    env_returns: list[list[float]]  # the same per env: [N][episodes that ended in env i]
+
+    def action_digests(self) -> list[bytes]:
+        """Per env, the first 16 bytes of the sha256 of its action sequence: [N] (a replay must match them)."""
+        per_env = self.actions.transpose(0, 1).contiguous().numpy()  # [N, T] or [N, T, act_dim]
+        return [hashlib.sha256(row.tobytes()).digest()[:16] for row in per_env]
 
 
 class Collector:
@@ -51,9 +57,15 @@ class Collector:
         self.low, self.high = (space.low, space.high) if isinstance(space, gym.spaces.Box) else (None, None)
 
     @torch.no_grad()
-    def collect(self, policy: ActorCritic, steps: int, gamma: float, generator: torch.Generator) -> Rollout:
+    def collect(self, policy: ActorCritic, steps: int, gamma: float, generator: torch.Generator,
+                seed: int | None = None) -> Rollout:
+        """`steps` steps of every env. With `seed` the envs are reset first (env i from seed + i), which makes the
+        rollout a pure function of (policy, seed, generator) on the CPU: anyone can replay it."""
         n = self.envs.num_envs
-        obs_buf, act_buf, lp_buf, val_buf, rew_buf, done_buf, returns = [], [], [], [], [], [], []
+        if seed is not None:
+            self.obs, _ = self.envs.reset(seed=seed)
+        obs_buf, act_buf, lp_buf, val_buf, rew_buf, done_buf = [], [], [], [], [], []
+        env_returns: list[list[float]] = [[] for _ in range(n)]
         for _ in range(steps):
             obs = torch.as_tensor(self.obs, dtype=torch.float32)  # [N, obs_dim]
             dist = policy.dist(obs)
@@ -70,7 +82,8 @@ class Collector:
                 final_value = policy.value(torch.as_tensor(final, dtype=torch.float32))
                 reward += gamma * final_value * torch.as_tensor(truncated & ~terminated, dtype=torch.float32)
             if "episode" in info:
-                returns += [float(r) for r in info["episode"]["r"][info["_episode"]]]
+                for i in np.flatnonzero(info["_episode"]):
+                    env_returns[i].append(float(info["episode"]["r"][i]))
             obs_buf.append(obs)
             act_buf.append(action)
             lp_buf.append(policy.log_prob(dist, action))
@@ -81,7 +94,7 @@ class Collector:
         last_value = policy.value(torch.as_tensor(self.obs, dtype=torch.float32))
         stack = torch.stack
         return Rollout(stack(obs_buf), stack(act_buf), stack(lp_buf), stack(val_buf), stack(rew_buf),
-                       stack(done_buf), last_value, returns)
+                       stack(done_buf), last_value, [r for env in env_returns for r in env], env_returns)
 
     def close(self) -> None:
         self.envs.close()

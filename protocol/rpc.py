@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError, Message
 
 from hivegym.protocol import hivegym_pb2 as pb
 from hivegym.protocol.checkpoint import SHA256, CheckpointError, check_name
+from hivegym.protocol.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +26,23 @@ SERVICE = "hivegym.Coordinator"
 MAX_REQUEST_BYTES = 16 * 1024  # every request is a few hundred bytes; larger ones are refused
 MAX_TRANSPORT_BYTES = 1024 * 1024  # gRPC refuses anything larger before our handlers see it
 PEER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+LIBP2P_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,64}$")
 DEVICES = ("cpu", "cuda", "mps")
 
 REQUEST_TYPES: dict[str, type[Message]] = {
     "Join": pb.JoinRequest,
-    "Report": pb.ReportRequest,
+    "RenewToken": pb.RenewTokenRequest,
+    "SubmitReceipt": pb.SubmitReceiptRequest,
+    "EpochHash": pb.EpochHashRequest,
     "Status": pb.StatusRequest,
     "ListCheckpoints": pb.ListCheckpointsRequest,
     "DownloadCheckpoint": pb.DownloadCheckpointRequest,
 }
 REPLY_TYPES: dict[str, type[Message]] = {
     "Join": pb.JoinReply,
-    "Report": pb.ReportReply,
+    "RenewToken": pb.TokenReply,
+    "SubmitReceipt": pb.SubmitReceiptReply,
+    "EpochHash": pb.EpochHashReply,
     "Status": pb.StatusReply,
     "ListCheckpoints": pb.ListCheckpointsReply,
     "DownloadCheckpoint": pb.CheckpointChunk,
@@ -66,16 +72,17 @@ def parse_request(method: str, data: bytes) -> Message:
         _check_name(request.peer_name)
         if request.device not in DEVICES:
             raise BadRequest(f"device must be one of {', '.join(DEVICES)}, got {request.device[:32]!r}")
-    elif isinstance(request, pb.ReportRequest):
+        _check_credentials(request.credentials)
+    elif isinstance(request, pb.RenewTokenRequest):
         _check_name(request.peer_name)
-        if not math.isfinite(request.mean_return):
-            raise BadRequest("mean_return must be finite")
-        for field in ("samples_per_second", *TIMING_FIELDS):
-            if not 0.0 <= getattr(request, field) < math.inf:
-                raise BadRequest(f"{field} must be finite and >= 0")
-        for field in TIMING_FIELDS[1:]:
-            if getattr(request, field) > request.wall_s + 1.0:
-                raise BadRequest(f"{field} cannot exceed wall_s")
+        _check_credentials(request.credentials)
+        if not LIBP2P_ID.fullmatch(request.credentials.libp2p_id):
+            raise BadRequest("credentials.libp2p_id must be the peer's hivemind peer id (base58)")
+    elif isinstance(request, pb.SubmitReceiptRequest):
+        if not request.receipt:
+            raise BadRequest("receipt is empty")
+        if len(request.signature) != SIGNATURE_BYTES:
+            raise BadRequest(f"signature must be {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
     elif isinstance(request, pb.DownloadCheckpointRequest):
         try:
             check_name(request.name)
@@ -88,7 +95,15 @@ def parse_request(method: str, data: bytes) -> Message:
     return request
 
 
-TIMING_FIELDS = ("wall_s", "collect_s", "compute_s", "step_s", "average_s")
+def _check_credentials(credentials: pb.Credentials) -> None:
+    if len(credentials.public_key) != PUBLIC_KEY_BYTES:
+        raise BadRequest(f"credentials.public_key must be {PUBLIC_KEY_BYTES} bytes, got {len(credentials.public_key)}")
+    if len(credentials.signature) != SIGNATURE_BYTES:
+        raise BadRequest(f"credentials.signature must be {SIGNATURE_BYTES} bytes, got {len(credentials.signature)}")
+    if credentials.libp2p_id and not LIBP2P_ID.fullmatch(credentials.libp2p_id):
+        raise BadRequest("credentials.libp2p_id must be empty or a base58 hivemind peer id")
+    if not math.isfinite(credentials.timestamp):
+        raise BadRequest("credentials.timestamp must be finite")
 
 
 def _check_name(name: str) -> None:
@@ -125,12 +140,18 @@ class CoordinatorClient:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def join(self, peer_name: str, device: str) -> pb.JoinReply:
+    def join(self, peer_name: str, device: str, credentials: pb.Credentials) -> pb.JoinReply:
         return self.call("Join", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, peer_name=peer_name,
-                                                device=device))
+                                                device=device, credentials=credentials))
 
-    def report(self, request: pb.ReportRequest) -> pb.ReportReply:
-        return self.call("Report", request, retries=1)  # the next report supersedes a lost one
+    def renew_token(self, peer_name: str, credentials: pb.Credentials) -> pb.TokenReply:
+        return self.call("RenewToken", pb.RenewTokenRequest(peer_name=peer_name, credentials=credentials))
+
+    def submit_receipt(self, receipt: bytes, signature: bytes) -> pb.SubmitReceiptReply:
+        return self.call("SubmitReceipt", pb.SubmitReceiptRequest(receipt=receipt, signature=signature))
+
+    def epoch_hash(self, epoch: int) -> pb.EpochHashReply:
+        return self.call("EpochHash", pb.EpochHashRequest(epoch=epoch))
 
     def status(self) -> pb.StatusReply:
         return self.call("Status", pb.StatusRequest())

@@ -14,7 +14,7 @@ def tiny_rollout(steps=3, envs=1, obs_dim=4, act_dim=None) -> Rollout:
     return Rollout(obs=torch.arange(steps * envs * obs_dim, dtype=torch.float32).reshape(*shape, obs_dim),
                    actions=actions, logprobs=torch.zeros(shape), values=torch.zeros(shape),
                    rewards=torch.zeros(shape), dones=torch.zeros(shape), last_value=torch.zeros(envs),
-                   episode_returns=[])
+                   episode_returns=[], env_returns=[[] for _ in range(envs)])
 
 
 def test_gae_by_hand():

@@ -1,0 +1,77 @@
+"""Replaying a receipt's batch: runs in the coordinator's audit worker process, never on the gRPC path.
+
+Tolerances. A volunteer's parameters after an averaging round differ from the coordinator's by the codec's
+rounding (float16 deltas: ~1e-5 of a parameter), so a replay can sample a different action where a draw falls
+within that of a probability boundary; from there that env stream diverges. That is rare (a few streams in a
+thousand) and a fabricated, re-seeded or stale batch diverges in nearly every stream from the first steps, so an
+audit allows a minority of streams to diverge, compares episode returns on the streams that match, and compares
+the contribution's sketch with a relative tolerance that such a divergence stays inside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hivegym.protocol.config import RunConfig
+from hivegym.protocol.policy import build_policy
+from hivegym.protocol.receipt import Receipt
+from hivegym.protocol.rollout import Collector
+from hivegym.protocol.work import batch_seeds, do_batch, flat_params, sketch, sketch_seed
+
+PARAMS_RTOL = 1e-3  # parameters sketch vs the epoch's: codec rounding is ~1e-5, one epoch of training ~1e-2
+MAX_DIVERGED = 0.25  # share of env streams whose actions may differ from the replay
+RETURN_RTOL = 1e-4
+UPDATE_RTOL = 0.3  # contribution sketch; a scaled (x -10) or random contribution is off by > 1
+
+
+def sketch_distance(a: list[float], b: list[float]) -> float:
+    """Relative L2 distance |a - b| / |b|."""
+    norm = math.sqrt(sum(x * x for x in b)) or 1e-12
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b))) / norm
+
+
+def audit_receipt(config_json: str, public_key: bytes, receipt: Receipt, candidates: dict[int, dict]
+                  ) -> tuple[bool, str]:
+    """Replay the batch with the parameters of the candidate epoch that the receipt's parameter sketch names.
+    candidates: {epoch: state_dict} of the coordinator's epochs near the receipt's. Returns (passed, detail)."""
+    torch.set_num_threads(1)
+    config = RunConfig.from_json(config_json)
+    if len(receipt.params_sketch) != config.sketch_dim:
+        return False, "params_sketch has the wrong length"
+    policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
+    nearest, nearest_distance = None, math.inf
+    for epoch, state in candidates.items():
+        policy.load_state_dict(state)
+        d = sketch_distance(receipt.params_sketch, sketch(flat_params(policy), config.sketch_dim, sketch_seed(config.run_id)))
+        if d < nearest_distance:
+            nearest, nearest_distance = epoch, d
+    if nearest is None or nearest_distance > PARAMS_RTOL:
+        return False, (f"the parameters it claims match no epoch the coordinator holds near {receipt.epoch} "
+                       f"(nearest: relative distance {nearest_distance:.2g})")
+    policy.load_state_dict(candidates[nearest])
+    seeds = batch_seeds(config.run_id, public_key, receipt.epoch, receipt.batch)
+    collector = Collector(config.env_id, config.num_envs, seeds.envs)
+    try:
+        work = do_batch(policy, config, collector, seeds)
+    finally:
+        collector.close()
+    digests = work.rollout.action_digests()
+    if len(receipt.actions) != len(digests) or len(receipt.returns) != len(digests):
+        return False, f"the receipt has {len(receipt.actions)} env streams; the run has {len(digests)}"
+    matched = [i for i, d in enumerate(digests) if d == receipt.actions[i]]
+    diverged = len(digests) - len(matched)
+    if diverged > MAX_DIVERGED * len(digests):
+        return False, f"actions differ from the replay in {diverged} of {len(digests)} env streams"
+    for i in matched:
+        replayed = work.rollout.env_returns[i]
+        claimed = receipt.returns[i]
+        if len(replayed) != len(claimed) or any(abs(a - b) > RETURN_RTOL * max(1.0, abs(b))
+                                                for a, b in zip(claimed, replayed)):
+            return False, f"episode returns of env stream {i} are {claimed[:4]}, the replay gives {replayed[:4]}"
+    update = sketch(work.update, config.sketch_dim, sketch_seed(config.run_id))
+    error = sketch_distance(receipt.update_sketch, update) if len(receipt.update_sketch) == len(update) else math.inf
+    if error > UPDATE_RTOL:
+        return False, f"the contribution's sketch is off by {error:.2g} (relative) from the replay's"
+    return True, f"epoch {nearest}: {len(matched)}/{len(digests)} streams match, sketch off by {error:.2g}"

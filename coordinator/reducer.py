@@ -1,0 +1,171 @@
+"""What makes a hivemind peer a trusted reducer: robust aggregation and access control inside its averagers,
+and the coordinator's signed access and ban records in the DHT.
+
+hivemind 1.1.12 guards only the DHT's RPCs with its authorizer; the averagers' RPCs (joining a group, sending
+parts, downloading state) are open to any libp2p peer. install() patches them, in this process, before the
+averagers fork: a caller needs an unexpired access record and no ban record, both stored by the coordinator
+under its owner tag (RSASignatureValidator signs them; the SchemaValidator makes both keys dictionaries whose
+subkeys must carry the coordinator's tag, so nobody else can add, replace or wipe them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+from typing import Dict
+
+import torch
+from hivemind.averaging import allreduce, averager
+from hivemind.averaging.partition import BannedException, TensorPartReducer
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator, conbytes
+from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
+from pydantic.v1 import StrictBool, StrictFloat, create_model
+
+logger = logging.getLogger(__name__)
+
+CLIP_ITERATIONS = 3
+ACCESS_CACHE_S = 1.0  # an averager re-reads a caller's records at most this often
+
+
+def owner_tag() -> bytes:
+    """This process's hivemind record-signing tag (its process-wide RSA key, shared with the progress tracker)."""
+    return RSASignatureValidator().local_public_key
+
+
+def validators(run_id: str, tag: bytes) -> list:
+    """Record validators for a trusted DHT node: signatures, and the strict schema of the access records."""
+    owned = conbytes(regex=b"^[1-9A-HJ-NP-Za-km-z]{30,64}" + re.escape(tag) + b"$")
+
+    # access: subkey libp2p id + tag, value the unix time its token expires; bans: subkey libp2p id + tag, value True
+    schema = create_model("AccessSchema", access=(Dict[owned, StrictFloat], None), bans=(Dict[owned, StrictBool], None))
+    return [RSASignatureValidator(), SchemaValidator(schema, prefix=run_id)]
+
+
+def subkey(libp2p_id: str, tag: bytes) -> bytes:
+    return libp2p_id.encode() + tag
+
+
+def centered_clip(parts: list[torch.Tensor], iterations: int = CLIP_ITERATIONS) -> torch.Tensor:
+    """CenteredClip (Karimireddy et al., 2021) from the coordinate-wise median, with the clipping radius set to the
+    median distance of the inputs from it: a minority of inputs can move the result by at most about the radius
+    each. Two inputs give their mean (with two there is no majority to trust)."""
+    x = torch.stack(parts)  # [m, n]
+    if len(parts) <= 2:
+        return x.mean(0)
+    v = x.median(0).values  # [n]
+    tau = (x - v).norm(dim=1).median()
+    for _ in range(iterations):
+        diff = x - v  # [m, n]
+        scale = (tau / diff.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)  # [m]
+        v = v + (diff * scale[:, None]).mean(0)
+    return v
+
+
+class RobustReducer(TensorPartReducer):
+    """hivemind's reducer with each part's average replaced by centered_clip over the senders: every sender
+    counts once whatever weight it reports (hivemind weights by a self-reported sample count)."""
+
+    def reset_accumulators(self):
+        self.parts: list[tuple[torch.Tensor, float]] = []
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        # hivemind's accumulate_part, storing the part instead of summing it
+        assert 0 <= sender_index < self.num_senders and 0 <= part_index < self.num_parts
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise allreduce.AllreduceException("attempted to aggregate part in a finalized reducer")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self.parts.append((tensor_part.float(), weight))
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self):
+        if self.current_part_accumulated_from == self.num_current_senders:
+            weighted = [p for p, w in self.parts if w > 0] or [p for p, _ in self.parts]  # aux peers send weight 0
+            if weighted:
+                self.current_part_future.set_result(centered_clip(weighted))
+            else:
+                self.current_part_future.set_result(self.accumulator)
+            self.reset_accumulators()
+
+
+class AccessGuard:
+    """Answers 'may this libp2p peer use my averager?' from the coordinator's records in the DHT."""
+
+    def __init__(self, run_id: str, tag: bytes):
+        self.run_id, self.tag = run_id, tag
+        self.cache: dict[str, tuple[bool, float]] = {}
+
+    async def allowed(self, dht, remote_id) -> bool:
+        name, now = remote_id.to_base58(), time.monotonic()
+        hit = self.cache.get(name)
+        if hit is not None and now - hit[1] < ACCESS_CACHE_S:
+            return hit[0]
+        key = subkey(name, self.tag)
+        access = await dht.get(f"{self.run_id}_access", latest=True, return_future=True)
+        bans = await dht.get(f"{self.run_id}_bans", latest=True, return_future=True)
+        record = access.value.get(key) if access is not None and isinstance(access.value, dict) else None
+        ok = record is not None and record.value > time.time() and record.expiration_time > get_dht_time()
+        if ok and bans is not None and isinstance(bans.value, dict) and key in bans.value:
+            ok = False
+        self.cache[name] = (ok, now)
+        if not ok:
+            logger.info("refused averager access to %s (no valid token, or banned)", name)
+        return ok
+
+
+_guard: AccessGuard | None = None
+_original = {}
+
+
+def install(run_id: str, tag: bytes) -> None:
+    """Make every averager created after this in this process a trusted reducer (robust, access-controlled)."""
+    global _guard
+    _guard = AccessGuard(run_id, tag)
+    allreduce.TensorPartReducer = RobustReducer
+    if _original:
+        return
+    _original.update(join=averager.DecentralizedAverager.rpc_join_group,
+                     part=averager.DecentralizedAverager.rpc_aggregate_part,
+                     download=averager.DecentralizedAverager.rpc_download_state)
+
+    @functools.wraps(_original["join"])
+    async def rpc_join_group(self, request, context):
+        if not await _guard.allowed(self.dht, context.remote_id):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in _original["join"](self, request, context):
+            yield message
+
+    @functools.wraps(_original["part"])
+    async def rpc_aggregate_part(self, stream, context):
+        if not await _guard.allowed(self.dht, context.remote_id):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in _original["part"](self, stream, context):
+            yield message
+
+    @functools.wraps(_original["download"])
+    async def rpc_download_state(self, _request, _context):
+        if not await _guard.allowed(self.dht, _context.remote_id):
+            return
+        async for message in _original["download"](self, _request, _context):
+            yield message
+
+    averager.DecentralizedAverager.rpc_join_group = rpc_join_group
+    averager.DecentralizedAverager.rpc_aggregate_part = rpc_aggregate_part
+    averager.DecentralizedAverager.rpc_download_state = rpc_download_state

@@ -1,0 +1,262 @@
+"""Verification and access: proof of key, tokens, receipt checks, audit sampling, strikes and bans.
+
+The gRPC threads call join / renew / submit (cheap checks only); the main thread calls add_epoch after every
+averaging round and pump between trusted-peer steps, which hands sampled receipts to the audit worker process
+and applies the verdicts. Everything shared sits behind one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+import torch
+
+from hivegym.coordinator.audit import PARAMS_RTOL, audit_receipt, sketch_distance
+from hivegym.coordinator.ledger import Duplicate, Ledger
+from hivegym.protocol import hivegym_pb2 as pb
+from hivegym.protocol.config import RunConfig
+from hivegym.protocol.identity import Identity, peer_id, verify
+from hivegym.protocol.work import sketch, sketch_seed
+from hivegym.protocol.receipt import (RECEIPT_PREFIX, Receipt, ReceiptError, Token, decode_receipt, epoch_hash_message,
+                                      join_message)
+
+logger = logging.getLogger(__name__)
+
+CLOCK_SKEW_S = 60.0  # a Join/RenewToken timestamp may be this far from the coordinator's clock
+MAX_QUEUED_AUDITS = 1000
+RATE_SLACK_S = 5.0  # seconds of work a peer may claim beyond its time since joining
+_random = secrets.SystemRandom()  # peers must not predict which receipts are audited
+
+
+class Refused(Exception):
+    """A request that is answered with this gRPC status and message, and changes nothing."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class PendingAudit:
+    peer_id: str
+    public_key: bytes
+    receipt: Receipt
+
+
+class Verifier:
+    def __init__(self, config: RunConfig, identity: Identity, ledger: Ledger,
+                 publish_access: Callable[[str, float], None], publish_ban: Callable[[str], None]):
+        self.config, self.identity, self.ledger = config, identity, ledger
+        self.publish_access, self.publish_ban = publish_access, publish_ban
+        self.lock = threading.Lock()
+        self.history: dict[int, dict] = {}  # epoch -> parameters right after the round that began it
+        self.hashes: dict[int, str] = {}  # epoch -> sha256 of those parameters
+        self.sketches: dict[int, list[float]] = {}  # epoch -> sketch of those parameters
+        self.seen: dict[tuple[bytes, float], float] = {}  # (key, timestamp) of credentials -> when it may be forgotten
+        self.claimed: dict[str, tuple[float, int]] = {}  # peer id -> (joined, env steps claimed since)
+        self.expires: dict[str, float] = {}  # peer id -> when its latest token expires (unix seconds)
+        self.queue: deque[PendingAudit] = deque(maxlen=MAX_QUEUED_AUDITS)
+        self.running: list[tuple[Future, PendingAudit]] = []
+        self.epoch = 0
+
+    # ---- access -------------------------------------------------------------------------------------------
+    def check_credentials(self, peer_name: str, credentials: pb.Credentials) -> str:
+        """The caller's peer id if it proved its key with a fresh, unused timestamp; raises Refused."""
+        now = time.time()
+        if abs(now - credentials.timestamp) > CLOCK_SKEW_S:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"credentials timestamp is {now - credentials.timestamp:+.0f}"
+                          f" s from the coordinator's clock (limit {CLOCK_SKEW_S:.0f} s); check this machine's clock")
+        message = join_message(self.identity.public_key, peer_name, credentials.libp2p_id, credentials.timestamp)
+        if not verify(credentials.public_key, message, credentials.signature):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "credentials signature does not verify with public_key")
+        key = (credentials.public_key, credentials.timestamp)
+        with self.lock:
+            self.seen = {k: t for k, t in self.seen.items() if t > now}
+            if key in self.seen:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "these credentials were used before (replayed)")
+            self.seen[key] = now + 2 * CLOCK_SKEW_S
+        return peer_id(credentials.public_key)
+
+    def join(self, peer_name: str, device: str, credentials: pb.Credentials) -> pb.TokenReply:
+        pid = self.check_credentials(peer_name, credentials)
+        self._refuse_banned(pid)
+        self.ledger.add_peer(pid, credentials.public_key, peer_name, device, time.time())
+        with self.lock:
+            self.claimed[pid] = (time.monotonic(), 0)
+        return self._token(pid, credentials.public_key, "")
+
+    def renew(self, peer_name: str, credentials: pb.Credentials) -> pb.TokenReply:
+        pid = self.check_credentials(peer_name, credentials)
+        peer = self.ledger.peer(pid)
+        if peer is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "unknown key: Join first")
+        self._refuse_banned(pid)
+        self.ledger.set_libp2p_id(pid, credentials.libp2p_id)
+        reply = self._token(pid, credentials.public_key, credentials.libp2p_id)
+        self.publish_access(credentials.libp2p_id, time.time() + self.config.token_ttl)
+        return reply
+
+    def _token(self, pid: str, public_key: bytes, libp2p_id: str) -> pb.TokenReply:
+        token = Token(self.config.run_id, pid, public_key, libp2p_id, time.time() + self.config.token_ttl)
+        with self.lock:
+            self.expires[pid] = token.expires
+        data, signature = token.sign(self.identity)
+        return pb.TokenReply(token=data, token_signature=signature)
+
+    def _refuse_banned(self, pid: str) -> None:
+        peer = self.ledger.peer(pid)
+        if peer is not None and peer["banned"]:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"peer {pid} is banned: {peer['ban_reason']}")
+
+    # ---- receipts -----------------------------------------------------------------------------------------
+    def submit(self, data: bytes, signature: bytes) -> Receipt:
+        """Check and store a receipt; maybe sample it for an audit. Raises Refused (nothing stored)."""
+        try:
+            receipt = decode_receipt(data)
+        except ReceiptError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        peer = self.ledger.peer(receipt.peer_id)
+        if peer is None:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"unknown peer {receipt.peer_id}: Join first")
+        if not verify(peer["public_key"], RECEIPT_PREFIX + data, signature):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "receipt signature does not verify with this peer's key")
+        if peer["banned"]:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"peer {receipt.peer_id} is banned: {peer['ban_reason']}")
+        self._check_fields(receipt)
+        now = time.monotonic()
+        with self.lock:
+            if self.expires.get(receipt.peer_id, 0.0) < time.time():
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"the token of peer {receipt.peer_id} has expired: "
+                              "RenewToken first")
+            epoch = self.epoch
+            joined, claimed = self.claimed.get(receipt.peer_id, (now, 0))
+        if receipt.epoch > epoch + 1:
+            raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"epoch {receipt.epoch} is in the future (swarm: {epoch})")
+        if receipt.epoch + self.config.params_history < epoch:
+            raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"epoch {receipt.epoch} is too old to audit (swarm: {epoch}, "
+                          f"kept: {self.config.params_history})")
+        self._check_params(receipt)
+        if claimed + receipt.env_steps > (now - joined + RATE_SLACK_S) * self.config.max_env_steps_per_second:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{claimed + receipt.env_steps} env steps since joining "
+                          f"{now - joined:.0f} s ago is more than max_env_steps_per_second allows")
+        new = self.ledger.receipt_count(receipt.peer_id) < self.config.new_peer_receipts or peer["strikes"] > 0
+        rate = self.config.audit_rate_new if new else self.config.audit_rate
+        audit = _random.random() < rate
+        try:
+            self.ledger.add_receipt(receipt.peer_id, receipt.epoch, receipt.batch, receipt.env_steps,
+                                    receipt.collect_s + receipt.compute_s, time.time(), data, signature,
+                                    "pending" if audit else None)
+        except Duplicate as e:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        with self.lock:
+            self.claimed[receipt.peer_id] = (joined, claimed + receipt.env_steps)
+            if audit:
+                self.queue.append(PendingAudit(receipt.peer_id, peer["public_key"], receipt))
+        return receipt
+
+    def _check_params(self, r: Receipt) -> None:
+        """The parameters a batch was collected with must be those of its epoch (labels of peers that averaged
+        together can differ by one). Checked once the coordinator holds that epoch; a receipt for a newer one is
+        matched when it is audited."""
+        with self.lock:
+            if r.epoch > max(self.sketches, default=-1):
+                return
+            distances = {e: sketch_distance(r.params_sketch, s) for e, s in self.sketches.items()}
+        nearest = min(distances, key=distances.get)
+        if distances[nearest] <= PARAMS_RTOL and abs(nearest - r.epoch) <= 1:
+            return
+        if distances[nearest] <= PARAMS_RTOL:
+            raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"the batch was collected with the parameters of epoch "
+                          f"{nearest}, not of epoch {r.epoch}")
+        raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"the parameters of this batch match no epoch of the "
+                      f"swarm near {r.epoch} (a failed averaging round?): reload the swarm's state")
+
+    def _check_fields(self, r: Receipt) -> None:
+        c = self.config
+        problems = []
+        if r.run_id != c.run_id:
+            problems.append(f"run_id is {r.run_id!r}, this run is {c.run_id!r}")
+        if r.env_steps != c.rollout_size:
+            problems.append(f"env_steps must be {c.rollout_size} (num_envs * rollout_steps), got {r.env_steps}")
+        if len(r.actions) != c.num_envs or len(r.returns) != c.num_envs:
+            problems.append(f"actions and returns must have {c.num_envs} env streams")
+        if any(len(per_env) > c.rollout_steps for per_env in r.returns):
+            problems.append("more episodes in an env stream than steps")
+        if len(r.params_sketch) != c.sketch_dim or len(r.update_sketch) != c.sketch_dim:
+            problems.append(f"sketches must have {c.sketch_dim} entries")
+        if max(r.collect_s, r.compute_s, r.step_s) > r.wall_s + 1.0 or r.average_s > r.step_s + 1e-6:
+            problems.append("timings are inconsistent (a part exceeds its whole)")
+        if problems:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+
+    # ---- epochs and audits (main thread) ------------------------------------------------------------------
+    def add_epoch(self, epoch: int, state: dict, params_hash: str) -> None:
+        params = torch.cat([v.reshape(-1) for v in state.values()])
+        params_sketch = sketch(params, self.config.sketch_dim, sketch_seed(self.config.run_id))
+        with self.lock:
+            self.epoch = epoch
+            self.history[epoch], self.hashes[epoch], self.sketches[epoch] = state, params_hash, params_sketch
+            for old in [e for e in self.history if e < epoch - self.config.params_history - 1]:
+                del self.history[old], self.hashes[old], self.sketches[old]
+
+    def set_epoch(self, epoch: int) -> None:
+        with self.lock:
+            self.epoch = max(self.epoch, epoch)
+
+    def signed_hash(self, epoch: int) -> pb.EpochHashReply:
+        with self.lock:
+            params_hash = self.hashes.get(epoch)
+        if params_hash is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no parameters kept for epoch {epoch}")
+        signature = self.identity.sign(epoch_hash_message(self.config.run_id, epoch, params_hash))
+        return pb.EpochHashReply(epoch=epoch, params_hash=params_hash, signature=signature)
+
+    def pump(self, pool: ProcessPoolExecutor, parallel: int = 1) -> None:
+        """Apply finished audits and start queued ones (at most `parallel` at a time)."""
+        for future, job in [(f, j) for f, j in self.running if f.done()]:
+            self.running.remove((future, job))
+            try:
+                passed, detail = future.result()
+            except Exception as e:  # a crashed replay is our fault, not the peer's: no strike
+                logger.error("audit of %s epoch %d batch %d crashed: %r", job.peer_id, job.receipt.epoch,
+                             job.receipt.batch, e)
+                continue
+            self._verdict(job, passed, detail)
+        while self.queue and len(self.running) < parallel:
+            with self.lock:
+                job = self.queue.popleft()
+                e = job.receipt.epoch
+                candidates = {k: self.history[k] for k in (e - 1, e, e + 1) if k in self.history}
+            if not candidates:
+                logger.warning("no parameters kept near epoch %d; audit of %s skipped", e, job.peer_id)
+                continue
+            self.running.append((pool.submit(audit_receipt, self.config.to_json(), job.public_key, job.receipt,
+                                             candidates), job))
+
+    def _verdict(self, job: PendingAudit, passed: bool, detail: str) -> None:
+        r = job.receipt
+        strikes = self.ledger.record_audit(job.peer_id, r.epoch, r.batch, passed, detail)
+        if passed:
+            logger.debug("audit of %s epoch %d batch %d passed: %s", job.peer_id, r.epoch, r.batch, detail)
+            return
+        logger.warning("audit of %s epoch %d batch %d FAILED (strike %d): %s", job.peer_id, r.epoch, r.batch,
+                       strikes, detail)
+        if strikes >= self.config.strikes_to_ban:
+            reason = f"{strikes} failed audits; last: {detail}"
+            self.ledger.ban(job.peer_id, reason)
+            peer = self.ledger.peer(job.peer_id)
+            logger.warning("peer %s (%s) is banned: %s", job.peer_id, peer["name"], reason)
+            if peer["libp2p_id"]:
+                self.publish_ban(peer["libp2p_id"])
+
+    def idle(self) -> bool:
+        return not self.queue and not self.running
+
