@@ -89,7 +89,8 @@ def run_once(lab: netns.Lab, mode: str, codec: str, seed: int, max_minutes: floa
         while not info.exists() and coordinator.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         join = json.loads(info.read_text())["join"]
-        peers = [start(lab, h, ["hivegym.peer.cli", "--coordinator", join, "--name", f"peer-{h}"],
+        peers = [start(lab, h, ["hivegym.peer.cli", "--coordinator", join, "--name", f"peer-{h}",
+                                    "--identity", str(run_dir / f"peer-{h}.key")],
                      run_dir / f"peer-{h}.log") for h in (1, 2)]
         marks = steady_marks(lab, coordinator, run_dir / "metrics.jsonl", max_minutes * 60 + 120)
     finally:

@@ -54,7 +54,8 @@ def run_once(target: float, max_minutes: float) -> dict:
     peer_log = run_dir / "peer.log"
     started = time.monotonic()
     peer = subprocess.Popen([sys.executable, "-m", "hivegym.peer.cli", "--coordinator",
-                             json.loads(info.read_text())["join"], "--name", "footprint"],
+                             json.loads(info.read_text())["join"], "--name", "footprint",
+                             "--identity", str(run_dir / "footprint.key")],
                             stdout=subprocess.DEVNULL, stderr=open(peer_log, "wb"), stdin=subprocess.DEVNULL)
     first = None
     peaks = {"peer_rss": 0, "peer_tree_pss": 0, "coordinator_rss": 0, "coordinator_tree_pss": 0}

@@ -87,8 +87,18 @@ def distill(data: dict) -> list[str]:
             for env, t in data.get("targets", {}).items()]
 
 
+def adversaries(data: dict) -> list[str]:
+    lines = []
+    for t in data.get("targets", []):
+        measured = "not caught" if t["measured"] is None else f"{t['measured']:g} receipts"
+        lines.append(f"- {t['cheat']}: {t['target']} over {data['runs_per_swarm']} run(s) at the default audit rates; "
+                     f"measured {measured} ({t['caught_by']}, caught in {t['caught_runs']}): {verdict(t['met'])}")
+    return lines
+
+
 TARGETS = {"swarm_vs_single": swarm_vs_single, "vs_sb3": vs_sb3, "env_speed": env_speed, "bandwidth": bandwidth,
-           "footprint": footprint, "distill": distill}
+           "footprint": footprint, "distill": distill, "adversaries": adversaries,
+           "audit_cost": footprint}  # audit_cost's rows carry their target and verdict like footprint's
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -28,6 +28,8 @@ MODES = {
     "bandwidth": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
     "footprint": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
     "distill": {"full": [], "quick": ["--quick"], "smoke": ["--quick", "--envs", "CartPole-v1"]},
+    "adversaries": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
+    "audit_cost": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
 }
 
 

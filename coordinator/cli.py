@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop and exit 0 once the evaluation's mean return reaches R")
     parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
                         help="exit non-zero if the target is not reached within M minutes")
+    parser.add_argument("--leaderboard", metavar="HOST:PORT", default=None,
+                        help="print the ledger of a running coordinator (per peer: steps claimed and verified, "
+                             "audits, credits, device-hours, bans) and exit")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if args.local_peers < 0:
@@ -47,8 +50,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def leaderboard(address: str) -> int:
+    import grpc
+
+    from hivegym.protocol.identity import IdentityError, parse_join
+    from hivegym.protocol.rpc import CoordinatorClient, describe_error
+
+    try:
+        client = CoordinatorClient(parse_join(address).address, timeout=5.0, retries=2)
+    except IdentityError as e:
+        print(f"hivegym-launch: {e}", file=sys.stderr)
+        return 2
+    try:
+        reply = client.status()
+    except grpc.RpcError as e:
+        print(f"hivegym-launch: {address} does not answer ({describe_error(e)})", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(f"epoch {reply.epoch}, {reply.live_peers} live peers, {reply.env_steps:,} env steps")
+    header = ("peer", "id", "device", "claimed", "verified", "passed", "failed", "credits", "device-h", "banned")
+    rows = [(p.peer_name, p.peer_id, p.device, f"{p.steps_claimed:,}", f"{p.steps_verified:,}", p.audits_passed,
+             p.audits_failed, f"{p.credits:,}", f"{p.device_hours:.3f}", "BANNED" if p.banned else "")
+            for p in reply.peers]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.leaderboard:
+        return leaderboard(args.leaderboard)
     from hivegym.protocol.config import ConfigError, load
     from hivegym.protocol.logs import setup_logging
 

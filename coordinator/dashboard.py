@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 8080  # when no port is given and 8080 is taken, any free port is used instead
 PAGE = Path(__file__).with_name("dashboard.html")
 MAX_POINTS = 600  # each history series is thinned to at most this many points per answer
-# PeerRecord fields that the verification work adds; until a record has them they are sent as null
+# per-peer columns from the ledger's leaderboard (SwarmState.ledger); null where there is no ledger row
 VERIFICATION_FIELDS = ("audits_passed", "audits_failed", "credits", "banned")
 Points = list[dict[str, float]]
 
@@ -132,6 +132,7 @@ class Dashboard:
         self.thread.start()
 
     def status(self) -> dict[str, Any]:
+        board = {} if self.state.ledger is None else {r["peer_id"]: r for r in self.state.ledger.leaderboard()}
         now = time.monotonic()
         with self.state.lock:
             s = self.state
@@ -141,7 +142,8 @@ class Dashboard:
                 "samples_per_second": round(s.samples_per_second(now), 1), "env_steps": s.env_steps(),
                 "last_eval": None if s.last_eval_return is None else {"return": s.last_eval_return,
                                                                       "epoch": s.last_eval_epoch},
-                "peers": [peer_row(name, p, now) for name, p in sorted(s.peers.items())],
+                "peers": [peer_row(pid, p, now, board.get(pid, {}))
+                          for pid, p in sorted(s.peers.items(), key=lambda item: (item[1].name, item[0]))],
             }
         last = answer["last_eval"]
         answer["history"], answer["evals"] = self.metrics.read(last and (last["epoch"], last["return"]))
@@ -154,12 +156,14 @@ class Dashboard:
         self.thread.join(timeout)
 
 
-def peer_row(name: str, peer: PeerRecord, now: float) -> dict[str, Any]:
-    row = {"name": name, "device": peer.device, "live": now - peer.last_seen <= LIVE_WINDOW_S,
+def peer_row(pid: str, peer: PeerRecord, now: float, ledger_row: dict[str, Any]) -> dict[str, Any]:
+    """mean_return is null where it overflowed: a receipt's returns are each finite, their mean need not be."""
+    row = {"name": peer.name, "peer_id": pid, "device": peer.device, "live": now - peer.last_seen <= LIVE_WINDOW_S,
            "last_seen_s": round(now - peer.last_seen, 1), "joined_s": round(now - peer.joined, 1),
            "epoch": peer.epoch, "env_steps": peer.env_steps, "samples": peer.samples,
-           "mean_return": peer.mean_return, "samples_per_second": round(peer.samples_per_second, 1)}
-    return {**row, **{key: getattr(peer, key, None) for key in VERIFICATION_FIELDS}}
+           "mean_return": peer.mean_return if math.isfinite(peer.mean_return) else None,
+           "samples_per_second": round(peer.samples_per_second, 1)}
+    return {**row, **{key: ledger_row.get(key) for key in VERIFICATION_FIELDS}}
 
 
 class _Server(ThreadingHTTPServer):

@@ -94,7 +94,8 @@ class Launch:
             maddrs = trusted.maddrs()
             self.verifier = Verifier(self.config, self.options.identity, self.ledger, trusted.allow, trusted.ban)
             self.verifier.add_epoch(trusted.epoch, trusted.snapshot(), params_hash(trusted.state.behaviour))
-            state = SwarmState(self.config.to_json(), maddrs, checkpoints_dir=self.options.run_dir / "checkpoints")
+            state = SwarmState(self.config.to_json(), maddrs, checkpoints_dir=self.options.run_dir / "checkpoints",
+                               ledger=self.ledger)
             server, port = start_server(state, self.verifier, self.options.host, self.options.port)
             address = f"{self.options.advertise_host}:{port}"
             join = format_join(address, self.options.identity.public_key)
@@ -226,6 +227,7 @@ class Launch:
         peers = {} if state is None else {p.name: {"peer_id": pid, "env_steps": p.env_steps, "samples": p.samples,
                                                    **p.timings} for pid, p in state.peers.items()}
         details = {**result, "first_report_s": first, "run_dir": str(self.options.run_dir),
-                   "config": json.loads(self.config.to_json()), "peers": peers, "ledger": self.ledger.leaderboard()}
+                   "config": json.loads(self.config.to_json()), "peers": peers, "ledger": self.ledger.leaderboard(),
+                   "refusals": self.verifier.refusals if self.verifier else {}}
         (self.options.run_dir / "summary.json").write_text(json.dumps(details, indent=2))
         return result

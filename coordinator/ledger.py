@@ -2,7 +2,8 @@
 
 Credits are the env steps of a peer's accepted receipts once it has passed an audit, and zero for a banned peer:
 audits sample receipts, so a passed audit vouches for the receipts around it, and one failure past the strike
-threshold voids all of them.
+threshold voids all of them. A receipt whose audit found its parameters off the swarm's ('unmatched': the peer
+missed an averaging round) is not credited, and is no strike.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ CREATE TABLE IF NOT EXISTS receipts (
     received REAL NOT NULL,        -- unix seconds
     data BLOB NOT NULL,            -- the msgpack receipt as signed
     signature BLOB NOT NULL,
-    audit TEXT,                    -- NULL (not sampled), 'pending', 'passed' or 'failed'
+    audit TEXT,                    -- NULL (not sampled), 'pending', 'passed', 'failed' or 'unmatched'
     audit_detail TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (peer_id, epoch, batch)
 );
@@ -86,12 +87,12 @@ class Ledger:
         with self.lock:
             return self.db.execute("SELECT COUNT(*) FROM receipts WHERE peer_id = ?", (peer_id,)).fetchone()[0]
 
-    def record_audit(self, peer_id: str, epoch: int, batch: int, passed: bool, detail: str) -> int:
-        """Store an audit's outcome; returns the peer's strikes (failed audits) after it."""
+    def record_audit(self, peer_id: str, epoch: int, batch: int, verdict: str, detail: str) -> int:
+        """Store an audit's verdict ('passed', 'failed' or 'unmatched'); returns the peer's strikes (failed audits)."""
         with self.lock:
             self.db.execute("UPDATE receipts SET audit = ?, audit_detail = ? WHERE peer_id = ? AND epoch = ? "
-                            "AND batch = ?", ("passed" if passed else "failed", detail, peer_id, epoch, batch))
-            if not passed:
+                            "AND batch = ?", (verdict, detail, peer_id, epoch, batch))
+            if verdict == "failed":
                 self.db.execute("UPDATE peers SET strikes = strikes + 1 WHERE peer_id = ?", (peer_id,))
             return self.db.execute("SELECT strikes FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()[0]
 
@@ -108,6 +109,7 @@ class Ledger:
         query = """
             SELECT p.peer_id, p.name, p.device, p.banned,
                    COALESCE(SUM(r.env_steps), 0),
+                   COALESCE(SUM(CASE WHEN r.audit IS NULL OR r.audit IN ('passed', 'pending') THEN r.env_steps END), 0),
                    COALESCE(SUM(CASE WHEN r.audit = 'passed' THEN r.env_steps END), 0),
                    COUNT(CASE WHEN r.audit = 'passed' THEN 1 END),
                    COUNT(CASE WHEN r.audit = 'failed' THEN 1 END),
@@ -117,8 +119,8 @@ class Ledger:
         with self.lock:
             rows = self.db.execute(query).fetchall()
         board = []
-        for peer_id, name, device, banned, claimed, verified, passed, failed, hours in rows:
-            credits = 0 if banned or passed == 0 else claimed
+        for peer_id, name, device, banned, claimed, creditable, verified, passed, failed, hours in rows:
+            credits = 0 if banned or passed == 0 else creditable
             board.append(dict(peer_id=peer_id, peer_name=name, device=device, banned=bool(banned),
                               steps_claimed=claimed, steps_verified=verified, audits_passed=passed,
                               audits_failed=failed, credits=credits, device_hours=hours))

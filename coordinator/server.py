@@ -14,6 +14,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 
 from hivegym.coordinator.checkpoint_service import CheckpointStore
+from hivegym.coordinator.ledger import Ledger
 from hivegym.coordinator.verifier import Refused, Verifier
 from hivegym.protocol import hivegym_pb2 as pb
 from hivegym.protocol.identity import peer_id
@@ -56,6 +57,7 @@ class SwarmState:
     last_eval_epoch: int = 0
     peers: dict[str, PeerRecord] = field(default_factory=dict)  # by peer id
     checkpoints_dir: Path | None = None  # where the signed checkpoint packages are published
+    ledger: Ledger | None = None  # the verifier's ledger, for the dashboard's audit and credit columns
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def live_peers(self, now: float) -> list[PeerRecord]:

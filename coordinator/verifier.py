@@ -63,6 +63,7 @@ class Verifier:
         self.seen: dict[tuple[bytes, float], float] = {}  # (key, timestamp) of credentials -> when it may be forgotten
         self.claimed: dict[str, tuple[float, int]] = {}  # peer id -> (joined, env steps claimed since)
         self.expires: dict[str, float] = {}  # peer id -> when its latest token expires (unix seconds)
+        self.refusals: dict[str, dict[str, int]] = {}  # peer id ("?" if unreadable) -> gRPC code -> receipts refused
         self.queue: deque[PendingAudit] = deque(maxlen=MAX_QUEUED_AUDITS)
         self.running: list[tuple[Future, PendingAudit]] = []
         self.epoch = 0
@@ -122,7 +123,20 @@ class Verifier:
         try:
             receipt = decode_receipt(data)
         except ReceiptError as e:
+            self._count_refusal("?", grpc.StatusCode.INVALID_ARGUMENT)
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        try:
+            return self._submit(receipt, data, signature)
+        except Refused as e:
+            self._count_refusal(receipt.peer_id, e.code)
+            raise
+
+    def _count_refusal(self, pid: str, code: grpc.StatusCode) -> None:
+        with self.lock:
+            per_peer = self.refusals.setdefault(pid, {})
+            per_peer[code.name] = per_peer.get(code.name, 0) + 1
+
+    def _submit(self, receipt: Receipt, data: bytes, signature: bytes) -> Receipt:
         peer = self.ledger.peer(receipt.peer_id)
         if peer is None:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"unknown peer {receipt.peer_id}: Join first")
@@ -219,8 +233,8 @@ class Verifier:
         signature = self.identity.sign(epoch_hash_message(self.config.run_id, epoch, params_hash))
         return pb.EpochHashReply(epoch=epoch, params_hash=params_hash, signature=signature)
 
-    def pump(self, pool: ProcessPoolExecutor, parallel: int = 1) -> None:
-        """Apply finished audits and start queued ones (at most `parallel` at a time)."""
+    def pump(self, pool: ProcessPoolExecutor, parallel: int = 4) -> None:
+        """Apply finished audits and hand queued ones to the pool (at most `parallel` waiting there at a time)."""
         for future, job in [(f, j) for f, j in self.running if f.done()]:
             self.running.remove((future, job))
             try:
@@ -229,23 +243,40 @@ class Verifier:
                 logger.error("audit of %s epoch %d batch %d crashed: %r", job.peer_id, job.receipt.epoch,
                              job.receipt.batch, e)
                 continue
-            self._verdict(job, passed, detail)
+            self._verdict(job, "passed" if passed else "failed", detail)
         while self.queue and len(self.running) < parallel:
             with self.lock:
                 job = self.queue.popleft()
-                e = job.receipt.epoch
-                candidates = {k: self.history[k] for k in (e - 1, e, e + 1) if k in self.history}
-            if not candidates:
-                logger.warning("no parameters kept near epoch %d; audit of %s skipped", e, job.peer_id)
+                sketches = dict(self.sketches)
+            epoch, detail = self._matching_epoch(job.receipt, sketches)
+            if epoch is None:
+                self._verdict(job, detail[0], detail[1])
                 continue
-            self.running.append((pool.submit(audit_receipt, self.config.to_json(), job.public_key, job.receipt,
-                                             candidates), job))
+            with self.lock:
+                state = self.history.get(epoch)
+            if state is not None:
+                self.running.append((pool.submit(audit_receipt, self.config.to_json(), job.public_key, job.receipt,
+                                                 state), job))
 
-    def _verdict(self, job: PendingAudit, passed: bool, detail: str) -> None:
+    def _matching_epoch(self, r: Receipt, sketches: dict[int, list[float]]) -> tuple[int | None, tuple[str, str]]:
+        """The kept epoch whose parameters the receipt's sketch names, or None and the verdict without a replay:
+        'failed' if they are an older epoch's (a stale batch sold as new), 'unmatched' if they are no epoch's (a peer
+        off the swarm's parameters after a failed round: its work is not credited, but that is no proof of cheating)."""
+        distances = {e: sketch_distance(r.params_sketch, s) for e, s in sketches.items()}
+        nearest = min(distances, key=distances.get, default=None)
+        if nearest is not None and distances[nearest] <= PARAMS_RTOL:
+            if abs(nearest - r.epoch) <= 1:
+                return nearest, ("", "")
+            return None, ("failed", f"the batch was collected with the parameters of epoch {nearest}, claimed as "
+                                    f"epoch {r.epoch}")
+        return None, ("unmatched", "its parameters match no kept epoch (relative distance "
+                                   f"{distances.get(nearest, float('inf')):.2g}); not credited")
+
+    def _verdict(self, job: PendingAudit, verdict: str, detail: str) -> None:
         r = job.receipt
-        strikes = self.ledger.record_audit(job.peer_id, r.epoch, r.batch, passed, detail)
-        if passed:
-            logger.debug("audit of %s epoch %d batch %d passed: %s", job.peer_id, r.epoch, r.batch, detail)
+        strikes = self.ledger.record_audit(job.peer_id, r.epoch, r.batch, verdict, detail)
+        if verdict != "failed":
+            logger.debug("audit of %s epoch %d batch %d %s: %s", job.peer_id, r.epoch, r.batch, verdict, detail)
             return
         logger.warning("audit of %s epoch %d batch %d FAILED (strike %d): %s", job.peer_id, r.epoch, r.batch,
                        strikes, detail)

@@ -118,6 +118,7 @@ def run(options: VolunteerOptions) -> int:
             raise JoinFailed(f"cannot reach the swarm's bootstrap peers {list(reply.bootstrap_maddrs)} ({e}); "
                              "check that their ports are reachable from here") from None
         session.libp2p_id = dht.peer_id.to_base58()
+        logger.info("hivemind peer id %s", session.libp2p_id)
         session.renew()  # binds the token to this hivemind peer id: the trusted peers admit it from now on
         policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed).to(device)
         opt = swarm.make_optimizer(dht, policy, config, client_mode=options.client_mode)

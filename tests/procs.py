@@ -59,8 +59,11 @@ def start_coordinator(run_dir: Path, *args: str) -> tuple[Proc, str]:
     return proc, json.loads(info.read_text())["grpc"]
 
 
-def start_peer(run_dir: Path, address: str, name: str, *args: str) -> Proc:
-    return Proc(["hivegym.peer.cli", "--coordinator", address, "--name", name, *args], run_dir / f"{name}.log")
+def start_peer(run_dir: Path, address: str, name: str, *args: str, cheat: str | None = None) -> Proc:
+    """hivegym-join with its own key file; with `cheat`, the cheating peer of that name (tests/adversaries)."""
+    module = ["tests.adversaries.peer", cheat] if cheat else ["hivegym.peer.cli"]
+    return Proc([*module, "--coordinator", address, "--name", name, "--identity", str(run_dir / f"{name}.key"), *args],
+                run_dir / f"{name}.log")
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.5):

@@ -23,6 +23,8 @@ SMALL = RunConfig(num_envs=2, rollout_steps=16, update_epochs=2, minibatch_size=
 class TestServer:
     """A started server with its verifier; epoch 0 holds the run's initial parameters. Close with close()."""
 
+    __test__ = False  # not a test class, whatever its name
+
     def __init__(self, tmp_path: Path, config: RunConfig = SMALL, maddrs: list[str] = (),
                  checkpoints_dir: Path | None = None):
         self.config, self.identity = config, Identity.generate()
@@ -34,7 +36,7 @@ class TestServer:
         self.policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
         self.verifier.add_epoch(0, {k: v.clone() for k, v in self.policy.state_dict().items()},
                                 params_hash(self.policy))
-        self.state = SwarmState(config.to_json(), list(maddrs), checkpoints_dir=checkpoints_dir)
+        self.state = SwarmState(config.to_json(), list(maddrs), checkpoints_dir=checkpoints_dir, ledger=self.ledger)
         self.server, self.port = start_server(self.state, self.verifier, "127.0.0.1", 0)
         self.address = f"127.0.0.1:{self.port}"
 

@@ -1,7 +1,9 @@
-"""The benchmarks themselves, with tiny budgets, so they never rot. Their numbers are never asserted here."""
+"""The benchmarks themselves, with tiny budgets, so they never rot. Their numbers are never asserted here.
+One test per benchmark of benchmarks/run.py (pick some with -k, e.g. -k "adversaries or audit_cost")."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,18 +15,30 @@ pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+def registered() -> list[str]:
+    """The benchmarks benchmarks/run.py knows (its MODES), so that a new one is tested as soon as it is registered."""
+    spec = importlib.util.spec_from_file_location("benchmarks_run", BENCHMARKS / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.MODES)
+
+
 @pytest.mark.timeout(1200)
-def test_every_benchmark_runs_and_writes_its_results(tmp_path):
+@pytest.mark.parametrize("name", registered())
+def test_every_benchmark_runs_and_writes_its_results(name, tmp_path):
     report = BENCHMARKS / "RESULTS.md"
     before = report.stat().st_mtime_ns if report.exists() else None
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--out-dir", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--out-dir", str(tmp_path), name],
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in ("swarm_vs_single", "vs_sb3", "env_speed", "bandwidth", "footprint", "distill"):
-        data = json.loads((tmp_path / f"{name}.json").read_text())
-        assert data["table"] and data["machine"]["cores"] >= 1, name
-    for name in ("swarm_vs_single", "vs_sb3"):  # return against wall time and env steps
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert data["benchmark"] == name and data["table"] and data["machine"]["cores"] >= 1, name
+    if name in ("swarm_vs_single", "vs_sb3"):  # return against wall time and env steps
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    if name == "adversaries":  # a row per swarm, and a verdict per cheat for report.py
+        assert [t["cheat"] for t in data["targets"]] == [row["swarm"] for row in data["table"][1:]]
+    if name == "audit_cost":  # an honest receipt passes its audit
+        assert data["in_process"] and all(row["passed"] for row in data["in_process"]), data["in_process"]
     assert (report.stat().st_mtime_ns if report.exists() else None) == before  # only the default directory's
 
 

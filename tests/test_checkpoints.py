@@ -12,17 +12,17 @@ import pytest
 from PIL import Image
 
 from hivegym.coordinator.checkpoint_service import CheckpointStore
-from hivegym.coordinator.server import SwarmState, _handler, start_server
+from hivegym.coordinator.server import _handler
 from hivegym.distill.actor import Actor
 from hivegym.distill.dagger import Distillation, RandomActor, Result, Settings
 from hivegym.distill.package import manifests, publish_best
 from hivegym.protocol import hivegym_pb2 as pb
 from hivegym.protocol.checkpoint import sign_manifest, weights_name
-from hivegym.protocol.config import RunConfig
 from hivegym.protocol.identity import Identity, format_join
 from hivegym.protocol.policy import build_policy
 from hivegym.protocol.rollout import evaluate
 from hivegym.protocol.rpc import SERVICE
+from servers import TestServer
 
 ENV = "CartPole-v1"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -43,9 +43,11 @@ def publish_packages(directory, identity) -> dict:
 class Coordinator:
     def __init__(self, directory, identity, store=None):
         self.directory, self.identity = directory, identity
-        if store is None:
-            self.server, port = start_server(SwarmState(RunConfig().to_json(), [], checkpoints_dir=directory),
-                                             "127.0.0.1", 0)
+        self.test_server = None
+        if store is None:  # the real server: verifier, ledger (in a folder of its own) and these packages
+            (directory.parent / "coordinator").mkdir(exist_ok=True)
+            self.test_server = TestServer(directory.parent / "coordinator", checkpoints_dir=directory)
+            self.server, port = self.test_server.server, self.test_server.port
         else:  # a misbehaving coordinator: our handlers around another store
             self.server = grpc.server(futures.ThreadPoolExecutor(2))
             handlers = {m: _handler(m, getattr(store, f)) for m, f in
@@ -64,7 +66,10 @@ class Coordinator:
 
     def close(self):
         self.channel.close()
-        self.server.stop(None)
+        if self.test_server is not None:
+            self.test_server.close()
+        else:
+            self.server.stop(None)
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from hivegym.protocol.identity import format_join
+
 LAUNCH = "hivegym.coordinator.cli"
 JOIN = "hivegym.peer.cli"
 
@@ -75,21 +77,24 @@ def test_join_unreachable_coordinator_fails_with_one_line():
     assert "Traceback" not in result.stderr
 
 
-def test_join_unreachable_bootstrap_fails_with_one_line():
-    # a real coordinator gRPC server whose bootstrap multiaddr points at a closed port
-    from hivegym.coordinator.server import SwarmState, start_server
+def test_join_unreachable_bootstrap_fails_with_one_line(tmp_path):
+    # a real coordinator gRPC server (verifier, ledger) whose bootstrap multiaddr points at a closed port
     from hivegym.protocol.config import RunConfig
+    from servers import TestServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     maddr = f"/ip4/127.0.0.1/tcp/{closed}/p2p/12D3KooWGyU75bZS5iyzoCra23zBKMe3dbToFU2xLQSixMpr9vaM"
-    server, port = start_server(SwarmState(RunConfig().to_json(), [maddr]), "127.0.0.1", 0)
-    try:
-        result = run(JOIN, "--coordinator", f"127.0.0.1:{port}", timeout=60)
+    server = TestServer(tmp_path, config=RunConfig(), maddrs=[maddr])
+    try:  # the join string carries the coordinator's key, so the peer's Join is checked for real
+        result = run(JOIN, "--coordinator", format_join(server.address, server.identity.public_key),
+                     "--identity", str(tmp_path / "peer.key"), timeout=60)
+        joined = [row["peer_name"] for row in server.ledger.leaderboard()]
     finally:
-        server.stop(grace=None)
+        server.close()
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("hivegym-join:")]
     assert len(lines) == 1 and "bootstrap" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert len(joined) == 1  # it got as far as a verified Join

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,14 +16,13 @@ import urllib.request
 import pytest
 
 from browser import chromium
-from hivegym.coordinator.dashboard import MAX_POINTS, Dashboard
-from hivegym.coordinator.server import SwarmState, start_server
-from hivegym.protocol import hivegym_pb2 as pb
+from hivegym.coordinator.dashboard import MAX_POINTS, VERIFICATION_FIELDS, Dashboard
+from hivegym.coordinator.server import PeerRecord, SwarmState
 from hivegym.protocol.checkpoint import publish
-from hivegym.protocol.config import RunConfig
 from hivegym.protocol.identity import Identity
 from hivegym.protocol.rpc import CoordinatorClient
 from procs import start_coordinator, wait_for
+from servers import SMALL, TestServer
 
 
 def metric_row(epoch: int, eval_return: float | None = None, eval_epoch: int = 0) -> str:
@@ -47,36 +47,48 @@ def status(dashboard: Dashboard) -> dict:
 
 @pytest.fixture
 def swarm(tmp_path):
-    """A gRPC server and a dashboard over one SwarmState, two peers joined over gRPC, a run directory."""
-    state = SwarmState(RunConfig().to_json(), ["/ip4/127.0.0.1/tcp/1/p2p/x"])
-    server, port = start_server(state, "127.0.0.1", 0)
-    client = CoordinatorClient(f"127.0.0.1:{port}", timeout=5, retries=1)
-    for name, samples in (("alice", 3000), ("bob", 1000)):
-        client.join(name, "cpu")
-        client.report(pb.ReportRequest(peer_name=name, epoch=4, env_steps=samples, samples=samples,
-                                       mean_return=42.5, samples_per_second=100.0))
-    with state.lock:
-        state.epoch = 7
-    dashboard = Dashboard(state, tmp_path, "127.0.0.1", 0, {"run_id": "test-run", "target_return": 475.0})
+    """A gRPC server and a dashboard over one SwarmState (with the verifier's ledger), two peers that joined and
+    handed in real signed receipts over gRPC (alice 3, bob 1), a run directory."""
+    (tmp_path / "coordinator").mkdir()
+    server = TestServer(tmp_path / "coordinator", maddrs=["/ip4/127.0.0.1/tcp/1/p2p/x"])
+    client = CoordinatorClient(server.address, timeout=5, retries=1)
+    server.peers = {}
+    for name, batches in (("alice", 3), ("bob", 1)):
+        identity = server.peers[name] = Identity.generate()
+        client.join(name, "cpu", server.credentials(identity, name))
+        for batch in range(batches):
+            client.submit_receipt(*server.receipt(identity, batch=batch).sign(identity))
+    with server.state.lock:
+        server.state.epoch = 7
+    dashboard = Dashboard(server.state, tmp_path, "127.0.0.1", 0, {"run_id": "test-run", "target_return": 475.0})
+    dashboard.server_under_test = server
     try:
         yield dashboard
     finally:
         dashboard.close()
         client.close()
-        server.stop(None)
+        server.close()
+
+
+STEPS = SMALL.rollout_size  # env steps per receipt
 
 
 def test_status_reports_swarm_peers_and_history(swarm, tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         metric_row(1) + metric_row(2) + metric_row(3, 20.0, 2) + metric_row(4, 20.0, 2) + metric_row(5, 90.0, 4))
     s = status(swarm)
-    assert (s["epoch"], s["live_peers"], s["env_steps"], s["run_id"], s["target_return"]) == (7, 2, 4000,
+    assert (s["epoch"], s["live_peers"], s["env_steps"], s["run_id"], s["target_return"]) == (7, 2, 4 * STEPS,
                                                                                              "test-run", 475.0)
     assert [p["name"] for p in s["peers"]] == ["alice", "bob"]
+    peers = swarm.server_under_test.peers
+    assert [p["peer_id"] for p in s["peers"]] == [peers["alice"].peer_id, peers["bob"].peer_id]
     alice = s["peers"][0]
-    assert (alice["samples"], alice["live"], alice["mean_return"]) == (3000, True, 42.5)
-    # verification fields are present before the verification work fills them in
-    assert all(alice[k] is None for k in ("audits_passed", "audits_failed", "credits", "banned"))
+    assert (alice["env_steps"], alice["samples"], alice["live"]) == (3 * STEPS, 3 * STEPS * SMALL.update_epochs,
+                                                                     True)
+    assert math.isfinite(alice["mean_return"]) and alice["mean_return"] > 0  # CartPole: every episode returns > 0
+    # the verification fields come from the ledger: nothing audited yet
+    assert {k: alice[k] for k in VERIFICATION_FIELDS} == {"audits_passed": 0, "audits_failed": 0, "credits": 0,
+                                                          "banned": False}
     assert [h["env_steps"] for h in s["history"]] == [1000, 2000, 3000, 4000, 5000]
     # each evaluation is placed where its snapshot was taken (epochs 2 and 4), once
     assert s["evals"] == [{"epoch": 2, "return": 20.0, "wall_s": 6.0, "env_steps": 2000},
@@ -85,6 +97,45 @@ def test_status_reports_swarm_peers_and_history(swarm, tmp_path):
     with swarm.state.lock:  # an evaluation that has not reached metrics.jsonl yet is plotted too
         swarm.state.last_eval_return, swarm.state.last_eval_epoch = 150.0, 5
     assert status(swarm)["evals"][-1] == {"epoch": 5, "return": 150.0, "wall_s": 15.0, "env_steps": 5000}
+
+
+def test_verification_fields_follow_the_ledger(swarm):
+    server = swarm.server_under_test
+    alice, bob = (server.peers[name].peer_id for name in ("alice", "bob"))
+    server.ledger.record_audit(alice, 0, 1, "passed", "replayed")  # a passed audit vouches for alice's receipts
+    server.ledger.record_audit(bob, 0, 0, "failed", "diverged")
+    server.ledger.ban(bob, "test")
+    rows = {p["name"]: p for p in status(swarm)["peers"]}
+    assert {k: rows["alice"][k] for k in VERIFICATION_FIELDS} == {"audits_passed": 1, "audits_failed": 0,
+                                                                  "credits": 3 * STEPS, "banned": False}
+    assert {k: rows["bob"][k] for k in VERIFICATION_FIELDS} == {"audits_passed": 0, "audits_failed": 1,
+                                                                "credits": 0, "banned": True}
+
+
+def test_peers_with_one_name_are_told_apart_by_peer_id(swarm):
+    server = swarm.server_under_test
+    other = Identity.generate()  # a second machine that calls itself alice too
+    client = CoordinatorClient(server.address, timeout=5, retries=1)
+    try:
+        client.join("alice", "cuda", server.credentials(other, "alice"))
+    finally:
+        client.close()
+    rows = [p for p in status(swarm)["peers"] if p["name"] == "alice"]
+    assert sorted(p["peer_id"] for p in rows) == sorted([server.peers["alice"].peer_id, other.peer_id])
+    new = next(p for p in rows if p["peer_id"] == other.peer_id)
+    assert (new["device"], new["env_steps"], new["credits"]) == ("cuda", 0, 0)
+
+
+def test_without_a_ledger_the_verification_fields_are_null(tmp_path):
+    state = SwarmState("{}", [])
+    state.peers["0123456789abcdef"] = PeerRecord("carol", "cpu", time.monotonic(), time.monotonic())
+    dashboard = Dashboard(state, tmp_path, "127.0.0.1", 0, {})
+    try:
+        (row,) = status(dashboard)["peers"]
+    finally:
+        dashboard.close()
+    assert (row["name"], row["peer_id"]) == ("carol", "0123456789abcdef")
+    assert all(row[k] is None for k in VERIFICATION_FIELDS)
 
 
 def test_metrics_are_read_incrementally_and_thinned(swarm, tmp_path):
@@ -199,7 +250,8 @@ def test_page_renders_in_a_browser(swarm, tmp_path):
     dom = browser.dom(swarm.url)
     assert re.search(r'id="epoch">7<', dom), dom[:2000]
     assert chart_points(dom, "eval-time") == 7 and chart_points(dom, "eval-steps") == 7
-    assert "alice" in dom and "—" in dom  # the peer table, with the audit columns not yet known
+    assert "<td>alice</td>" in dom and f"<td>{swarm.server_under_test.peers['alice'].peer_id}</td>" in dom
+    assert "<td>no</td>" in dom  # the peer table's banned column, from the ledger
     browser.screenshot(swarm.url, tmp_path / "dashboard.png")
 
 
@@ -233,3 +285,18 @@ def test_dashboard_of_a_real_run(tmp_path):
         browser.screenshot(url, tmp_path / "dashboard.png")
     finally:
         coordinator.stop()
+
+
+def test_a_receipt_with_huge_returns_does_not_break_the_answer(swarm):
+    """Returns are finite one by one, so the receipt is accepted (an audit judges it later); their mean overflows."""
+    server = swarm.server_under_test
+    alice = server.peers["alice"]
+    receipt = server.receipt(alice, batch=3)
+    receipt = dataclasses.replace(receipt, returns=[[1e308, 1e308], []])
+    client = CoordinatorClient(server.address, timeout=5, retries=1)
+    try:
+        client.submit_receipt(*receipt.sign(alice))
+    finally:
+        client.close()
+    rows = {p["name"]: p for p in status(swarm)["peers"]}  # valid JSON: allow_nan=False would refuse inf
+    assert rows["alice"]["mean_return"] is None and rows["alice"]["env_steps"] == 4 * STEPS

@@ -1,0 +1,88 @@
+"""Cheating peers (tests/adversaries/peer.py) in real swarms: each is caught, the honest peer is not, and the swarm
+still solves CartPole-v1. Audits sample every receipt of a new peer here (audit_rate_new = 1) so that a run is short;
+benchmarks/adversaries.py measures how fast each cheat is caught at the default rates."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from hivegym.protocol.identity import Identity
+from procs import start_coordinator, start_peer, wait_for
+
+GROUPS = {
+    "work": ["fabricated_returns", "random_gradients", "scaled_gradients"],
+    "claims": ["own_seeds", "stale_params", "replayed_receipt", "forged_signature"],
+    "access": ["no_token", "expired_token", "banned_keeps_running"],
+}
+REFUSED = {  # the status a cheat's receipts get, where refusing them is how it is caught
+    "replayed_receipt": "ALREADY_EXISTS",
+    "forged_signature": "UNAUTHENTICATED",
+    "expired_token": "UNAUTHENTICATED",
+}
+AVERAGING_REFUSED = {"no_token", "expired_token", "banned_keeps_running"}  # trusted averagers refuse them
+BANNED = {"fabricated_returns", "random_gradients", "scaled_gradients", "own_seeds", "stale_params",
+          "banned_keeps_running"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("group", GROUPS)
+def test_cheaters_are_caught_and_the_swarm_still_solves(group, tmp_path):
+    coordinator, address = start_coordinator(
+        tmp_path, "--target-return", "475", "--max-minutes", "6", "--no-dashboard",
+        "--set", "audit_rate_new=1.0", "--set", "token_ttl=20.0")
+    join = json.loads((tmp_path / "coordinator.json").read_text())["join"]
+    peers = {"honest": start_peer(tmp_path, join, "honest")}
+    peers.update({cheat: start_peer(tmp_path, join, cheat, cheat=cheat) for cheat in GROUPS[group]})
+    try:
+        wait_for(lambda: coordinator.popen.poll() is not None, 480, "the run to end")
+    finally:
+        for peer in peers.values():
+            peer.stop()
+        coordinator.stop()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    log = coordinator.text()
+    assert summary["reached"], log[-3000:]
+    ledger = {row["peer_id"]: row for row in summary["ledger"]}
+    honest = ledger[Identity.load(tmp_path / "honest.key").peer_id]
+    assert not honest["banned"] and honest["audits_failed"] == 0 and honest["audits_passed"] > 0, honest
+    assert honest["credits"] > 0
+    for cheat in GROUPS[group]:
+        pid = Identity.load(tmp_path / f"{cheat}.key").peer_id
+        row, refused = ledger.get(pid, {}), summary["refusals"].get(pid, {})
+        text = peers[cheat].text()
+        if cheat in BANNED:
+            assert row.get("banned") and row["credits"] == 0, (cheat, row, text[-2000:])
+        if cheat in REFUSED:
+            assert refused.get(REFUSED[cheat], 0) > 0, (cheat, refused, text[-2000:])
+        if cheat in AVERAGING_REFUSED:
+            libp2p_id = re.search(r"hivemind peer id (\w+)", text).group(1)
+            assert f"refused averager access to {libp2p_id}" in log, (cheat, text[-2000:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_honest_peers_pass_every_audit(tmp_path):
+    """Three honest peers, every receipt audited: not one false positive over at least 500 audits. Batches are
+    small here (4 envs x 64 steps) so that the audit worker keeps up on two cores."""
+    settings = ["audit_rate=1.0", "audit_rate_new=1.0", "num_envs=4", "rollout_steps=64", "minibatch_size=64",
+                "target_batch_size=15360"]
+    coordinator, _ = start_coordinator(tmp_path, "--max-minutes", "3.5", "--no-dashboard",
+                                       *[a for s in settings for a in ("--set", s)])
+    join = json.loads((tmp_path / "coordinator.json").read_text())["join"]
+    peers = [start_peer(tmp_path, join, f"honest-{i}") for i in range(3)]
+    try:
+        wait_for(lambda: coordinator.popen.poll() is not None, 420, "the run to end")
+    finally:
+        for peer in peers:
+            peer.stop()
+        coordinator.stop()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = [row for row in summary["ledger"] if row["peer_name"].startswith("honest")]
+    assert len(rows) == 3
+    assert sum(row["audits_failed"] for row in rows) == 0, (rows, coordinator.text()[-3000:])
+    assert not any(row["banned"] for row in rows)
+    assert sum(row["audits_passed"] for row in rows) >= 500, rows
