@@ -33,6 +33,7 @@ import re
 import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,7 +94,7 @@ def key_peer_id(path: Path) -> str | None:
 
     try:
         return Identity.load(path).peer_id
-    except Exception:  # not written yet
+    except (OSError, ValueError):  # not written yet
         return None
 
 
@@ -151,8 +152,8 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
             coordinator.popen.send_signal(signal.SIGTERM)
             try:
                 coordinator.popen.wait(timeout=30)
-            except Exception:
-                pass
+            except subprocess.TimeoutExpired:
+                pass  # stop() below kills its group
     finally:
         coordinator.stop()
         for peer in peers.values():
@@ -224,15 +225,25 @@ def median_or_none(values: list[float]) -> float | None:
 
 
 def summarize(runs: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
-    honest = median_or_none([r["train_wall_s"] for r in runs["honest"] if r["train_wall_s"] is not None])
+    """One row per swarm; runs whose swarm did not start ('error') are left out and counted as lost."""
+    def done(rows: list[dict]) -> list[dict]:
+        return [r for r in rows if "error" not in r]
+
+    def lost(rows: list[dict]) -> dict:
+        return {"lost_runs": len(rows) - len(done(rows))} if len(done(rows)) < len(rows) else {}
+
+    honest_rows = done(runs["honest"])
+    honest = median_or_none([r["train_wall_s"] for r in honest_rows if r["train_wall_s"] is not None])
     table = [{"swarm": "all honest", "caught_by": None, "caught": None, "receipts_until_caught": None,
-              "receipts_to_evidence": None, "solved": f"{sum(r['reached'] for r in runs['honest'])}"
-              f"/{len(runs['honest'])}", "median_train_wall_s": honest, "solve_time_ratio": 1.0 if honest else None,
-              "honest_false_alarms": sum(r["honest_false_alarms"] for r in runs["honest"]), "target": None}]
+              "receipts_to_evidence": None, "solved": f"{sum(r['reached'] for r in honest_rows)}/{len(honest_rows)}",
+              "median_train_wall_s": honest, "solve_time_ratio": 1.0 if honest else None,
+              "honest_false_alarms": sum(r["honest_false_alarms"] for r in honest_rows), "target": None,
+              **lost(runs["honest"])}]
     targets = []
-    for cheat, rows in runs.items():
+    for cheat, all_rows in runs.items():
         if cheat == "honest":
             continue
+        rows = done(all_rows)
         until = [r["receipts_until_caught"] if r["caught"] else math.inf for r in rows]
         measured = statistics.median(until) if until else math.inf
         wall = median_or_none([r["train_wall_s"] for r in rows if r["train_wall_s"] is not None])
@@ -247,7 +258,7 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
             "solved": f"{sum(r['reached'] for r in rows)}/{len(rows)}", "median_train_wall_s": wall,
             "solve_time_ratio": round(wall / honest, 2) if wall and honest else None,
             "honest_false_alarms": sum(r["honest_false_alarms"] for r in rows),
-            "target": "met" if met else "MISSED"})
+            "target": "met" if met else "MISSED", **lost(all_rows)})
         targets.append({"cheat": cheat, "target": f"caught within {TARGET_RECEIPTS} receipts (median)",
                         "measured": None if math.isinf(measured) else measured, "caught_by": table[-1]["caught_by"],
                         "caught_runs": table[-1]["caught"], "met": met})
@@ -284,7 +295,12 @@ def main() -> None:
         order = swarms[round_ % len(swarms):] + swarms[:round_ % len(swarms)]  # rotate who goes first
         for name in order:
             started = time.monotonic()
-            row = run_once(None if name == "honest" else name, target, max_minutes, defaults.strikes_to_ban)
+            try:
+                row = run_once(None if name == "honest" else name, target, max_minutes, defaults.strikes_to_ban)
+            except AssertionError as e:  # the swarm did not start (procs.py's checks): a lost run, not a lost benchmark
+                row = {"cheat": name, "error": str(e)[-2000:], "reached": False, "train_wall_s": None,
+                       "honest_false_alarms": 0, "caught": False, "caught_by": None, "receipts_until_caught": None,
+                       "receipts_to_evidence": None}
             row["round"] = round_
             results[name].append(row)
             print(f"  round {round_} {name}: reached={row['reached']} train_wall={row['train_wall_s']} "

@@ -5,21 +5,24 @@ all-honest swarm's time to solve with audits on and off.
    batches done the honest way (protocol.work.do_batch: collecting and computing the contribution, plus the
    receipt's hash, sketches and signature), each its own epoch so that the policy trains along; then
    coordinator.audit.audit_receipt replaying each receipt. CPU seconds by time.process_time; the first batch and
-   audit are a warm-up, not counted.
+   audit are a warm-up, not counted. The batch alone is less than a peer spends per batch (it also steps its
+   optimizer and runs hivemind), so this ratio bounds the share from above.
 2. A real swarm (hivegym-launch --local-peers 2, default settings, no target) for a fixed time: the CPU seconds of
-   every process of the run read from /proc as it runs (the audit worker is the coordinator's child that runs
-   niced), and from the ledger the receipts accepted, sampled for an audit and audited. Per audit and per batch
-   are taken from the first finished audit to the end (the audit worker's imports excluded), with the whole
-   run's figures beside them.
+   every process of the run, read from /proc as it runs (the audit worker is the coordinator's child that runs
+   niced; the peers are hivegym-join and their children), and from the ledger the receipts accepted, sampled for
+   an audit, audited and replayed. CPU per replayed audit and per batch are taken from the first finished replay to
+   the end (the audit worker's imports and the peers' start-up left out), with the whole run's figures beside them.
 3. The all-honest swarm (2 peers) solving CartPole-v1 with the default settings against one with audits off
    (audit_rate = audit_rate_new = 0: receipts are still signed and checked, never replayed), alternating.
 
-Targets: verification (CPU per audit x the share of receipts audited) <= 5% of the peers' compute at the default
-audit rate; the swarm with audits on solves within 1.1x of the time of one with them off.
+Targets: verification <= 5% of the swarm's compute at the default audit rate, i.e. audit_rate x (CPU per audit /
+the peers' CPU per batch), judged on the swarm's figures (on the in-process ones where the swarm has none; a short
+run's effective rate, its peers' first receipts being sampled at audit_rate_new, is shown beside it); the swarm with
+audits on solves within 1.1x of the time of one with them off.
 
     python benchmarks/audit_cost.py            # 20 receipts, a 3-minute swarm, 3 runs on and off
     python benchmarks/audit_cost.py --quick    # 8 receipts, a 1-minute swarm, 1 run on and off
-    python benchmarks/audit_cost.py --smoke    # 2 receipts, a 30 s swarm, tiny target: to check that it runs
+    python benchmarks/audit_cost.py --smoke    # 2 receipts, a 1-minute swarm, tiny target: to check that it runs
 """
 
 from __future__ import annotations
@@ -121,11 +124,14 @@ def cmdline(pid: int) -> str:
 
 
 class CpuMeter:
-    """CPU seconds of a process tree by part: 'peers' (hivegym-join and its children), 'auditor' (the niced audit
-    worker), 'coordinator' (the rest: trusted peer, its hivemind processes, evaluation, gRPC)."""
+    """CPU seconds of a process tree by part: 'peers' (hivegym-join and its children), 'auditor' (the audit
+    worker: the coordinator's child that runs niced), 'coordinator' (the rest: trusted peer, its hivemind processes,
+    evaluation, gRPC). Parts are decided again at every sample: a child is seen between fork and exec with its
+    parent's command line, and the audit worker renices itself once it has started."""
 
     def __init__(self, root: int):
         self.root = root
+        self.peer_mains: set[int] = set()
         self.part: dict[int, str] = {}
         self.cpu: dict[int, float] = {}
 
@@ -139,13 +145,13 @@ class CpuMeter:
             stack = [(self.root, "coordinator")]
             while stack:
                 pid, part = stack.pop()
-                if pid not in self.part:
-                    if part == "coordinator" and "hivegym.peer.cli" in cmdline(pid):
+                if part == "coordinator":
+                    if pid in self.peer_mains or "hivegym.peer.cli" in cmdline(pid):
+                        self.peer_mains.add(pid)
                         part = "peers"
-                    elif part == "coordinator" and table[pid][1] > root_nice:
+                    elif table[pid][1] > root_nice:
                         part = "auditor"
-                    self.part[pid] = part
-                part = self.part[pid]
+                self.part[pid] = part
                 self.cpu[pid] = max(self.cpu.get(pid, 0.0), table[pid][2])
                 stack += [(child, part) for child in children.get(pid, [])]
         totals = {"peers": 0.0, "auditor": 0.0, "coordinator": 0.0}
@@ -155,20 +161,22 @@ class CpuMeter:
 
 
 def ledger_counts(path: Path) -> dict[str, int]:
-    counts = {"accepted": 0, "sampled": 0, "audited": 0}
+    """Receipts accepted, sampled for an audit, audited (a verdict is in), and of those replayed (passed or failed;
+    an 'unmatched' one is judged from its parameter sketch alone)."""
+    counts = {"accepted": 0, "sampled": 0, "audited": 0, "replayed": 0}
     if not path.exists():
         return counts
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
         try:
-            accepted, sampled, audited = db.execute(
-                "SELECT COUNT(*), COUNT(audit), COUNT(CASE WHEN audit IN ('passed', 'failed', 'unmatched') THEN 1 END)"
-                " FROM receipts").fetchone()
+            row = db.execute("SELECT COUNT(*), COUNT(audit), COUNT(CASE WHEN audit IN ('passed', 'failed', "
+                             "'unmatched') THEN 1 END), COUNT(CASE WHEN audit IN ('passed', 'failed') THEN 1 END) "
+                             "FROM receipts").fetchone()
         finally:
             db.close()
     except sqlite3.Error:
         return counts
-    return {"accepted": accepted, "sampled": sampled, "audited": audited}
+    return dict(zip(counts, row))
 
 
 def run_measured(overrides: list[str], target: float | None, max_minutes: float, poll_s: float = 1.0) -> dict:
@@ -207,9 +215,9 @@ def run_measured(overrides: list[str], target: float | None, max_minutes: float,
     row.update({f"{part}_cpu_s": round(seconds, 2) for part, seconds in end_cpu.items()})
     row["samples_counted"] = end_counts  # the ledger at the last CPU sample (the run's last second may be missing)
     # from the first finished audit on: the audit worker's start-up (imports) and the peers' are left out
-    start = next(((cpu, counts) for cpu, counts in samples if counts["audited"] >= 1), None)
-    if start is not None and end_counts["audited"] > start[1]["audited"]:
-        audits = end_counts["audited"] - start[1]["audited"]
+    start = next(((cpu, counts) for cpu, counts in samples if counts["replayed"] >= 1), None)
+    if start is not None and end_counts["replayed"] > start[1]["replayed"]:
+        audits = end_counts["replayed"] - start[1]["replayed"]
         batches = end_counts["accepted"] - start[1]["accepted"]
         row["steady_audits"], row["steady_batches"] = audits, batches
         row["steady_cpu_per_audit_s"] = round((end_cpu["auditor"] - start[0]["auditor"]) / audits, 3)
@@ -247,18 +255,19 @@ def summarize(local: list[dict], swarm: dict | None, on: list[dict], off: list[d
     figures["batch_cpu_s"] = median([r["batch_cpu_s"] for r in local])
     figures["audit_cpu_s"] = median([r["audit_cpu_s"] for r in local])
     figures["audit_per_batch"] = ratio(figures["audit_cpu_s"], figures["batch_cpu_s"])
-    share = figures["share_at_default_rate"] = (None if figures["audit_per_batch"] is None
-                                                else audit_rate * figures["audit_per_batch"])
+    figures["share_at_default_rate_in_process"] = (None if figures["audit_per_batch"] is None
+                                                   else audit_rate * figures["audit_per_batch"])
+    target = {"target": f"<= {SHARE_TARGET:.0%}"}
     table = [
         {"measure": "peer: CPU s per batch (do_batch + receipt; in-process, median)",
          "value": seconds(figures["batch_cpu_s"])},
         {"measure": "coordinator: CPU s per audit (audit_receipt; in-process, median)",
          "value": seconds(figures["audit_cpu_s"])},
         {"measure": "audit / batch CPU (in-process)", "value": times(figures["audit_per_batch"])},
-        {"measure": f"verification share of the peers' compute at audit_rate {audit_rate:g} (rate x in-process ratio)",
-         "value": percent(share), "target": f"<= {SHARE_TARGET:.0%}",
-         "verdict": "met" if share is not None and share <= SHARE_TARGET else "MISSED"},
+        {"measure": f"verification share at audit_rate {audit_rate:g} vs the batch alone (rate x in-process ratio; "
+                    "an upper bound)", "value": percent(figures["share_at_default_rate_in_process"])},
     ]
+    judged, share = table[-1], figures["share_at_default_rate_in_process"]
     if swarm:
         counted = swarm.get("samples_counted", swarm)  # the ledger at the last CPU sample
         figures["swarm_effective_rate"] = effective = ratio(swarm["sampled"], swarm["accepted"])
@@ -267,25 +276,34 @@ def summarize(local: list[dict], swarm: dict | None, on: list[dict], off: list[d
         figures["swarm_audit_per_batch"] = swarm_ratio = ratio(per_audit, per_batch)
         figures["swarm_expected_share"] = (None if effective is None or swarm_ratio is None
                                            else effective * swarm_ratio)
+        figures["share_at_default_rate"] = None if swarm_ratio is None else audit_rate * swarm_ratio
         figures["swarm_measured_share"] = ratio(swarm.get("auditor_cpu_s"), swarm.get("peers_cpu_s"))
         whole_batch = ratio(swarm.get("peers_cpu_s"), counted["accepted"])
-        whole_audit = ratio(swarm.get("auditor_cpu_s"), counted["audited"])
+        whole_audit = ratio(swarm.get("auditor_cpu_s"), counted["replayed"])
         table += [
-            {"measure": f"swarm ({swarm['label']}): receipts accepted / sampled for audit / audited",
-             "value": f"{swarm['accepted']} / {swarm['sampled']} / {swarm['audited']}"},
+            {"measure": f"swarm ({swarm['label']}): receipts accepted / sampled for audit / audited / replayed",
+             "value": f"{swarm['accepted']} / {swarm['sampled']} / {swarm['audited']} / {swarm['replayed']}"},
             {"measure": "swarm: effective audit rate (sampled / accepted; a peer's first new_peer_receipts "
                         "at audit_rate_new)", "value": percent(effective)},
-            {"measure": "swarm: peers' CPU s per batch (from the first finished audit on)", "value": seconds(per_batch)},
-            {"measure": "swarm: audit worker CPU s per audit (from the first finished audit on)",
+            {"measure": "swarm: peers' CPU s per batch (from the first finished replay on)",
+             "value": seconds(per_batch)},
+            {"measure": "swarm: audit worker CPU s per replayed audit (from the first finished one on)",
              "value": seconds(per_audit)},
             {"measure": "swarm: audit / batch CPU", "value": times(swarm_ratio)},
+            {"measure": f"verification share of the swarm's compute at audit_rate {audit_rate:g} (rate x swarm "
+                        "ratio)", "value": percent(figures["share_at_default_rate"])},
+        ]
+        if figures["share_at_default_rate"] is not None:  # the target is judged on the swarm's figure where it has one
+            judged, share = table[-1], figures["share_at_default_rate"]
+        table += [
             {"measure": "swarm: expected verification share at its effective rate (rate x ratio)",
              "value": percent(figures["swarm_expected_share"])},
             {"measure": "swarm: audit worker CPU / peers' CPU, whole run (start-ups included)",
              "value": percent(figures["swarm_measured_share"])},
-            {"measure": "swarm: whole run, peers' CPU s per batch / audit worker CPU s per audit",
+            {"measure": "swarm: whole run, peers' CPU s per batch / audit worker CPU s per replayed audit",
              "value": f"{seconds(whole_batch) or '-'} / {seconds(whole_audit) or '-'}"},
         ]
+    judged.update(target, verdict="met" if share is not None and share <= SHARE_TARGET else "MISSED")
     figures["wall_on_s"] = median([r["train_wall_s"] for r in on if r["reached"]])
     figures["wall_off_s"] = median([r["train_wall_s"] for r in off if r["reached"]])
     figures["solve_ratio"] = solve_ratio = ratio(figures["wall_on_s"], figures["wall_off_s"])
@@ -308,11 +326,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="runs of the swarm with audits on, and off")
     parser.add_argument("--quick", action="store_true", help="8 receipts, a 1-minute swarm, 1 run on and off")
     parser.add_argument("--smoke", action="store_true",
-                        help="2 receipts, a 30-second swarm, target return 30 for 1 run on and off")
+                        help="2 receipts, a 1-minute swarm, target return 30 for 1 run on and off")
     parser.add_argument("--out", type=Path, default=RESULTS / "audit_cost.json")
     args = parser.parse_args()
     receipts = 2 if args.smoke else (8 if args.quick else args.receipts)
-    swarm_minutes = 0.5 if args.smoke else (1.0 if args.quick else args.swarm_minutes)
+    swarm_minutes = 1.0 if args.smoke else (1.0 if args.quick else args.swarm_minutes)
     seeds = 1 if (args.quick or args.smoke) else args.seeds
     target, max_minutes = (30.0, 1.0) if args.smoke else (475.0, 4.0)
 
@@ -342,7 +360,8 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "benchmark": "audit_cost", "seeds": seeds, "target_return": target, "machine": machine(),
         "audit_settings": {k: getattr(defaults, k) for k in ("audit_rate", "audit_rate_new", "new_peer_receipts")},
-        "table": table, "figures": figures, "in_process": local, "swarm": swarm, "audits_on": on, "audits_off": off}, indent=2))
+        "table": table, "figures": figures, "in_process": local, "swarm": swarm, "audits_on": on,
+        "audits_off": off}, indent=2))
     print(f"wrote {args.out}")
 
 

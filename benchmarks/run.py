@@ -4,8 +4,10 @@ Each benchmark is its own script that prints its table and writes results/<name>
 after the other (never side by side: they would share the two cores), then draws return against wall time and
 against env steps for those that record curves, and calls report.py.
 
-    python benchmarks/run.py --quick                  # every benchmark, short budgets (about 10 minutes)
-    python benchmarks/run.py                          # full budgets (hours: LunarLander, 3 seeds, every codec)
+    python benchmarks/run.py --quick                  # every benchmark, short budgets (about 10 minutes, and
+                                                      # about 25 more for adversaries and audit_cost)
+    python benchmarks/run.py                          # full budgets (hours: LunarLander, 3 seeds, every codec,
+                                                      # 5 runs of every cheat)
     python benchmarks/run.py vs_sb3 footprint         # only these
     python benchmarks/run.py --smoke --out-dir /tmp/b # tiny budgets, to check that every script still runs
 """

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS receipts (
     received REAL NOT NULL,        -- unix seconds
     data BLOB NOT NULL,            -- the msgpack receipt as signed
     signature BLOB NOT NULL,
-    audit TEXT,                    -- NULL (not sampled), 'pending', 'passed', 'failed' or 'unmatched'
+    audit TEXT,                    -- NULL (not sampled), 'pending', 'passed', 'failed', 'unmatched' or 'skipped'
     audit_detail TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (peer_id, epoch, batch)
 );
@@ -88,7 +88,7 @@ class Ledger:
             return self.db.execute("SELECT COUNT(*) FROM receipts WHERE peer_id = ?", (peer_id,)).fetchone()[0]
 
     def record_audit(self, peer_id: str, epoch: int, batch: int, verdict: str, detail: str) -> int:
-        """Store an audit's verdict ('passed', 'failed' or 'unmatched'); returns the peer's strikes (failed audits)."""
+        """Store an audit's verdict ('passed', 'failed', 'unmatched' or 'skipped'); returns the peer's strikes."""
         with self.lock:
             self.db.execute("UPDATE receipts SET audit = ?, audit_detail = ? WHERE peer_id = ? AND epoch = ? "
                             "AND batch = ?", (verdict, detail, peer_id, epoch, batch))
@@ -109,7 +109,7 @@ class Ledger:
         query = """
             SELECT p.peer_id, p.name, p.device, p.banned,
                    COALESCE(SUM(r.env_steps), 0),
-                   COALESCE(SUM(CASE WHEN r.audit IS NULL OR r.audit IN ('passed', 'pending') THEN r.env_steps END), 0),
+                   COALESCE(SUM(CASE WHEN r.audit IS NULL OR r.audit IN ('passed', 'pending', 'skipped') THEN r.env_steps END), 0),
                    COALESCE(SUM(CASE WHEN r.audit = 'passed' THEN r.env_steps END), 0),
                    COUNT(CASE WHEN r.audit = 'passed' THEN 1 END),
                    COUNT(CASE WHEN r.audit = 'failed' THEN 1 END),

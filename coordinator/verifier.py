@@ -185,8 +185,8 @@ class Verifier:
                 return
             distances = {e: sketch_distance(r.params_sketch, s) for e, s in self.sketches.items()}
         nearest = min(distances, key=distances.get)
-        if distances[nearest] <= PARAMS_RTOL and abs(nearest - r.epoch) <= 1:
-            return
+        if distances[nearest] <= PARAMS_RTOL and nearest >= r.epoch - 1:
+            return  # a newer epoch's parameters under an older label gain a cheater nothing: replays still match
         if distances[nearest] <= PARAMS_RTOL:
             raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"the batch was collected with the parameters of epoch "
                           f"{nearest}, not of epoch {r.epoch}")
@@ -262,10 +262,12 @@ class Verifier:
         """The kept epoch whose parameters the receipt's sketch names, or None and the verdict without a replay:
         'failed' if they are an older epoch's (a stale batch sold as new), 'unmatched' if they are no epoch's (a peer
         off the swarm's parameters after a failed round: its work is not credited, but that is no proof of cheating)."""
+        if r.epoch < min(sketches, default=0) - 1:
+            return None, ("skipped", "its epoch was no longer kept when its turn came (audits fell behind)")
         distances = {e: sketch_distance(r.params_sketch, s) for e, s in sketches.items()}
         nearest = min(distances, key=distances.get, default=None)
         if nearest is not None and distances[nearest] <= PARAMS_RTOL:
-            if abs(nearest - r.epoch) <= 1:
+            if nearest >= r.epoch - 1:
                 return nearest, ("", "")
             return None, ("failed", f"the batch was collected with the parameters of epoch {nearest}, claimed as "
                                     f"epoch {r.epoch}")
@@ -274,6 +276,8 @@ class Verifier:
 
     def _verdict(self, job: PendingAudit, verdict: str, detail: str) -> None:
         r = job.receipt
+        if verdict == "skipped":
+            logger.warning("audit of %s epoch %d batch %d skipped: %s", job.peer_id, r.epoch, r.batch, detail)
         strikes = self.ledger.record_audit(job.peer_id, r.epoch, r.batch, verdict, detail)
         if verdict != "failed":
             logger.debug("audit of %s epoch %d batch %d %s: %s", job.peer_id, r.epoch, r.batch, verdict, detail)

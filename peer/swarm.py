@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from hivemind.compression import (CompressionBase, Float16Compression, NoCompression, SizeAdaptiveCompression,
                                   quantization, serialization)
+from hivemind.averaging import matchmaking
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.p2p import P2P
@@ -108,6 +109,27 @@ def check_p2p_daemon(host_maddrs: list[str] | None = None, announce_maddrs: list
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+def follow_only(leaders: set[str]) -> None:
+    """Join averaging groups led by these hivemind peers only (the trusted reducers); call before the averagers
+    fork. A client never reduces, but the leader it joins does: a volunteer running as a full peer could otherwise
+    lead honest clients into a group it reduces itself."""
+    request = matchmaking.Matchmaking.__dict__.get("_hivegym_original") or matchmaking.Matchmaking._request_join_group
+
+    async def request_join_group(self, leader):
+        if leader.to_base58() not in leaders:
+            logger.debug("not joining a group led by %s: not a trusted reducer", leader)
+            return None
+        return await request(self, leader)
+
+    matchmaking.Matchmaking._hivegym_original = request
+    matchmaking.Matchmaking._request_join_group = request_join_group
+
+
+def peer_ids(maddrs: list[str]) -> set[str]:
+    """The hivemind peer ids in multiaddrs (their /p2p/ part)."""
+    return {m.rsplit("/p2p/", 1)[1].split("/")[0] for m in maddrs if "/p2p/" in m}
 
 
 def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig, client_mode: bool

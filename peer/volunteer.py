@@ -112,6 +112,11 @@ def run(options: VolunteerOptions) -> int:
 
     dht = opt = None
     try:
+        leaders = swarm.peer_ids(list(reply.bootstrap_maddrs))  # the coordinator's trusted peer
+        if not leaders:
+            raise JoinFailed(f"the coordinator's bootstrap addresses {list(reply.bootstrap_maddrs)} name no hivemind "
+                             "peer id (/p2p/...); upgrade the coordinator")
+        swarm.follow_only(leaders)
         try:
             dht = swarm.start_dht(list(reply.bootstrap_maddrs), client_mode=options.client_mode, **p2p)
         except Exception as e:

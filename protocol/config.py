@@ -92,7 +92,7 @@ class RunConfig:
     """Receipts a peer counts as new for (audited at audit_rate_new)."""
     strikes_to_ban: int = 2
     """Failed audits that ban a peer."""
-    params_history: int = 8
+    params_history: int = 32
     """Epochs of parameters the coordinator keeps for audits; older receipts are refused."""
     token_ttl: float = 120.0
     """Seconds an access token lasts; peers renew at half of it."""

@@ -78,7 +78,9 @@ def contribution(policy: ActorCritic, batch: Batch, config: RunConfig, shuffle_s
     generator = torch.Generator().manual_seed(shuffle_seed)
     start = flat_params(learner)
     if config.sync_mode == "local":
-        adam = torch.optim.Adam(params, lr=config.learning_rate)
+        # eps 1e-5 (CleanRL's): with torch's 1e-8, coordinates whose gradient is ~0 take full-size steps in the
+        # direction of noise, and a replay from parameters that differ by the codec's rounding drifts apart
+        adam = torch.optim.Adam(params, lr=config.learning_rate, eps=1e-5)
         for _ in range(config.update_epochs):
             for mb in minibatches(batch, config.minibatch_size, generator):
                 adam.zero_grad(set_to_none=True)

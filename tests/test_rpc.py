@@ -22,7 +22,7 @@ from hivegym.coordinator.server import PeerRecord, _handler
 from hivegym.protocol import hivegym_pb2 as pb
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.identity import Identity, verify
-from hivegym.protocol.receipt import RECEIPT_PREFIX, MAX_RECEIPT_BYTES, Receipt, epoch_hash_message, verify_token
+from hivegym.protocol.receipt import MAX_RECEIPT_BYTES, RECEIPT_PREFIX, Receipt, epoch_hash_message, verify_token
 from hivegym.protocol.rpc import (MAX_REQUEST_BYTES, MAX_TRANSPORT_BYTES, PROTOCOL_VERSION, REQUEST_TYPES, SERVICE,
                                   STREAMING, CoordinatorClient, describe_error)
 from hivegym.protocol.work import params_hash
@@ -417,8 +417,9 @@ def test_impossible_counts_are_invalid(coord, peer, changes, words):
 
 
 def test_more_env_steps_than_the_rate_allows_is_invalid(make):
-    # (seconds since joining + RATE_SLACK_S 5 s) * 7 steps/s: room for one receipt of 32 steps, not two
-    coord = make(max_env_steps_per_second=7.0)
+    # (seconds since joining + RATE_SLACK_S 5 s) * 6.5 steps/s: room for one receipt of 32 steps, and for a
+    # second only after almost 5 s
+    coord = make(max_env_steps_per_second=6.5)
     identity = Identity.generate()
     first, second = (coord.receipt(identity, batch=b) for b in range(2))  # collected before the clock starts
     coord.join(identity)
