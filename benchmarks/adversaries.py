@@ -101,12 +101,20 @@ def key_peer_id(path: Path) -> str | None:
 def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ban: int) -> dict:
     """One swarm: coordinator + honest-0 + (the cheater, or honest-1). Stops once it has solved and the cheater is
     caught (or has exited), or at max_minutes."""
-    from procs import start_coordinator, start_peer
+    from procs import Proc, start_peer, wait_for
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-adv-{cheat or 'honest'}-"))
-    coordinator, _ = start_coordinator(run_dir, "--max-minutes", str(max_minutes), "--no-dashboard",
-                                       "--set", "distill_sizes=")  # students in the background would share the cores
-    join = json.loads((run_dir / "coordinator.json").read_text())["join"]
+    coordinator = Proc(["hivegym.coordinator.cli", "--run-dir", str(run_dir), "--max-minutes", str(max_minutes),
+                        "--no-dashboard", "--set", "distill_sizes="],  # students would share the cores
+                       run_dir / "coordinator.log")
+    info = run_dir / "coordinator.json"
+    try:
+        wait_for(lambda: info.exists() or coordinator.popen.poll() is not None, 180, "coordinator start")
+        assert coordinator.popen.poll() is None, coordinator.text()[-2000:]
+    except AssertionError:
+        coordinator.stop()
+        raise
+    join = json.loads(info.read_text())["join"]
     other = "cheater" if cheat else "honest-1"
     peers = {"honest-0": start_peer(run_dir, join, "honest-0"), other: start_peer(run_dir, join, other, cheat=cheat)}
     logs = {name: Tail(run_dir / f"{name}.log") for name in peers}
@@ -211,7 +219,7 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
                receipts_to_evidence=(sum(r <= failed[strikes_to_ban - 1] for r, _ in accepted)
                                      if len(failed) >= strikes_to_ban else None),
                receipts_handed_in=len(accepted) + len(refusals), accepted=len(accepted),
-               audited=sum(audit is not None for _, audit in accepted), audits_failed=len(failed),
+               sampled=sum(audit is not None for _, audit in accepted), audits_failed=len(failed),
                refusals=summary.get("refusals", {}).get(cheater_id, {}) if cheater_id else {})
     if events:
         when, how, refused_before = min(events)

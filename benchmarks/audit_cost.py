@@ -45,7 +45,6 @@ RESULTS = Path(__file__).with_name("results")
 SHARE_TARGET = 0.05
 SOLVE_RATIO_TARGET = 1.1
 AUDITS_OFF = ["audit_rate=0", "audit_rate_new=0"]
-DONE = ("passed", "failed", "unmatched")
 
 
 # ---- 1. in this process ---------------------------------------------------------------------------------------
@@ -162,16 +161,15 @@ class CpuMeter:
 
 def ledger_counts(path: Path) -> dict[str, int]:
     """Receipts accepted, sampled for an audit, audited (a verdict is in), and of those replayed (passed or failed;
-    an 'unmatched' one is judged from its parameter sketch alone)."""
+    an 'unmatched' one is judged from its parameter sketch alone, a 'skipped' one not at all)."""
     counts = {"accepted": 0, "sampled": 0, "audited": 0, "replayed": 0}
     if not path.exists():
         return counts
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
         try:
-            row = db.execute("SELECT COUNT(*), COUNT(audit), COUNT(CASE WHEN audit IN ('passed', 'failed', "
-                             "'unmatched') THEN 1 END), COUNT(CASE WHEN audit IN ('passed', 'failed') THEN 1 END) "
-                             "FROM receipts").fetchone()
+            row = db.execute("SELECT COUNT(*), COUNT(audit), COUNT(CASE WHEN audit NOT IN ('pending') THEN 1 END), "
+                             "COUNT(CASE WHEN audit IN ('passed', 'failed') THEN 1 END) FROM receipts").fetchone()
         finally:
             db.close()
     except sqlite3.Error:
@@ -204,7 +202,11 @@ def run_measured(overrides: list[str], target: float | None, max_minutes: float,
         os.killpg(launch.pid, signal.SIGKILL)  # anything of its group left behind
     except ProcessLookupError:
         pass
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():  # killed at the deadline: no summary, a lost run
+        return {"overrides": overrides, "reached": False, "train_wall_s": None, "error": "no summary.json",
+                "run_dir": str(run_dir), **ledger_counts(run_dir / "ledger.sqlite")}
+    summary = json.loads(summary_path.read_text())
     first = summary["first_report_s"] or 0.0
     row = {"overrides": overrides, "reached": summary["reached"], "train_wall_s": round(summary["wall_s"] - first, 2),
            "wall_s": summary["wall_s"], "env_steps": summary["env_steps"], "run_dir": str(run_dir),
