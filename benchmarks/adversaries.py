@@ -13,9 +13,12 @@ other benchmarks' train_wall_s).
 - refused (a duplicate, a bad signature, an expired token): those handed in before its first such refusal;
 - refused by the trusted averagers (no token bound to its hivemind id, or an expired one): those accepted before
   the coordinator's first "refused averager access" for its hivemind id.
-Whichever comes first is "caught by". receipts_to_evidence is, for a ban, the receipts accepted up to the one
-whose failed audit was the strikes_to_ban-th (the rest is the audit queue's latency). A run in which the cheater was
-never caught counts as infinitely many receipts in the median. Target: every cheat caught within 60 receipts.
+Whichever comes first is "caught by". Receipts are counted from when the cheat begins: at once, except for
+expired_token, whose receipts are legitimate until its token expires (token_ttl after it was bound; the count from
+joining is in each run's receipts_from_join_until_caught). receipts_to_evidence is, for a ban, the receipts accepted
+up to the one whose failed audit was the strikes_to_ban-th (the rest is the audit queue's latency); s_to_catch the
+seconds from the cheat's start (its hivemind id in its log) to the catch. A run in which the cheater was never caught
+counts as infinitely many receipts in the median. Target: every cheat caught within 60 receipts.
 
     python benchmarks/adversaries.py            # 5 runs of every cheat
     python benchmarks/adversaries.py --quick    # 2 runs of 5 cheats (one per way of being caught)
@@ -98,7 +101,14 @@ def key_peer_id(path: Path) -> str | None:
         return None
 
 
-def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ban: int) -> dict:
+def cheat_began(cheat: str, bound: float, token_ttl: float) -> float:
+    """When the cheat begins (unix seconds): at once, but expired_token at its token's expiry (its receipts before
+    are legitimate), token_ttl after its token was bound to its hivemind id, which it asks for right after logging
+    that id (`bound`, when that line was seen)."""
+    return bound + token_ttl if cheat == "expired_token" else 0.0
+
+
+def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ban: int, token_ttl: float) -> dict:
     """One swarm: coordinator + honest-0 + (the cheater, or honest-1). Stops once it has solved and the cheater is
     caught (or has exited), or at max_minutes."""
     from procs import Proc, start_peer, wait_for
@@ -120,7 +130,8 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
     logs = {name: Tail(run_dir / f"{name}.log") for name in peers}
     coordinator_log = Tail(run_dir / "coordinator.log")
     libp2p: dict[str, str] = {}  # peer name -> its hivemind id
-    averager_refused: dict[str, float] = {}  # hivemind id -> when first refused
+    libp2p_seen: dict[str, float] = {}  # peer name -> when it logged its hivemind id (just before binding its token)
+    averager_refused: dict[str, list[float]] = {}  # hivemind id -> when its refusals were seen
     refusals: list[tuple[float, str]] = []  # the cheater's refused receipts: (when seen, gRPC code)
     solved_at = ban_at = None
     cheater_id = None
@@ -134,12 +145,13 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
                     solved_at = now
                 m = AVERAGER_REFUSED.search(line)
                 if m:
-                    averager_refused.setdefault(m.group(1), now)
+                    averager_refused.setdefault(m.group(1), []).append(now)
             for name, tail in logs.items():
                 for line in tail.lines():
                     m = HIVEMIND_ID.search(line)
                     if m:
                         libp2p[name] = m.group(1)
+                        libp2p_seen.setdefault(name, now)
                     m = RECEIPT_REFUSED.search(line)
                     if m and name == "cheater":
                         refusals.append((now, m.group(1)))
@@ -148,8 +160,9 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
                 if ban_at is None and cheater_id and ledger_query(
                         ledger, "SELECT banned FROM peers WHERE peer_id = ?", (cheater_id,)) == [(1,)]:
                     ban_at = now
-                caught = (ban_at is not None or any(code in CAUGHT_CODES for _, code in refusals)
-                          or ("cheater" in libp2p and libp2p["cheater"] in averager_refused))
+                began = cheat_began(cheat, libp2p_seen.get("cheater", math.inf), token_ttl)
+                caught = (ban_at is not None or any(code in CAUGHT_CODES and t >= began for t, code in refusals)
+                          or any(t >= began for t in averager_refused.get(libp2p.get("cheater"), [])))
                 if solved_at is not None and (caught or peers["cheater"].popen.poll() is not None):
                     break
             elif solved_at is not None:
@@ -169,7 +182,7 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
     for line in coordinator_log.lines():  # what the coordinator wrote while stopping
         m = AVERAGER_REFUSED.search(line)
         if m:
-            averager_refused.setdefault(m.group(1), ended)
+            averager_refused.setdefault(m.group(1), []).append(ended)
     for line in logs.get("cheater", Tail(run_dir / "-")).lines():
         m = RECEIPT_REFUSED.search(line)
         if m:
@@ -205,15 +218,17 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
         ledger, "SELECT banned FROM peers WHERE peer_id = ?", (cheater_id,)) == [(1,)]
     if banned and ban_at is None:
         ban_at = ended  # banned between the last look and the end
-    events = []  # (when, how, refusals handed in before it)
+    began = cheat_began(cheat, libp2p_seen.get("cheater", math.inf), token_ttl)
+    events = []  # (when, how, when each receipt refused before it was seen)
     if ban_at is not None:
-        events.append((ban_at, "banned (failed audits)", sum(t <= ban_at for t, _ in refusals)))
-    first = next((i for i, (_, code) in enumerate(refusals) if code in CAUGHT_CODES), None)
+        events.append((ban_at, "banned (failed audits)", [t for t, _ in refusals if t <= ban_at]))
+    first = next((i for i, (t, code) in enumerate(refusals) if code in CAUGHT_CODES and t >= began), None)
     if first is not None:
-        events.append((refusals[first][0], f"receipts refused ({refusals[first][1]})", first))
-    if libp2p.get("cheater") in averager_refused:
-        when = averager_refused[libp2p["cheater"]]
-        events.append((when, "averagers refused it", sum(t < when for t, _ in refusals)))
+        when, code = refusals[first]
+        events.append((when, f"receipts refused ({code})", [t for t, _ in refusals[:first]]))
+    when = next((t for t in averager_refused.get(libp2p.get("cheater"), []) if t >= began), None)
+    if when is not None:
+        events.append((when, "averagers refused it", [t for t, _ in refusals if t < when]))
     failed = [received for received, audit in accepted if audit == "failed"]
     row.update(caught=bool(events), caught_by=None, receipts_until_caught=None,
                receipts_to_evidence=(sum(r <= failed[strikes_to_ban - 1] for r, _ in accepted)
@@ -222,9 +237,11 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
                sampled=sum(audit is not None for _, audit in accepted), audits_failed=len(failed),
                refusals=summary.get("refusals", {}).get(cheater_id, {}) if cheater_id else {})
     if events:
-        when, how, refused_before = min(events)
+        when, how, refused = min(events)
         row["caught_by"] = how
-        row["receipts_until_caught"] = sum(r <= when for r, _ in accepted) + refused_before
+        row["receipts_until_caught"] = sum(began < r <= when for r, _ in accepted) + sum(began <= t for t in refused)
+        row["receipts_from_join_until_caught"] = sum(r <= when for r, _ in accepted) + len(refused)
+        row["caught_after_s"] = round(when - max(began, libp2p_seen.get("cheater", when)), 1)  # from the cheat's start
     return row
 
 
@@ -243,7 +260,8 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
     honest_rows = done(runs["honest"])
     honest = median_or_none([r["train_wall_s"] for r in honest_rows if r["train_wall_s"] is not None])
     table = [{"swarm": "all honest", "caught_by": None, "caught": None, "receipts_until_caught": None,
-              "receipts_to_evidence": None, "solved": f"{sum(r['reached'] for r in honest_rows)}/{len(honest_rows)}",
+              "receipts_to_evidence": None, "s_to_catch": None,
+              "solved": f"{sum(r['reached'] for r in honest_rows)}/{len(honest_rows)}",
               "median_train_wall_s": honest, "solve_time_ratio": 1.0 if honest else None,
               "honest_false_alarms": sum(r["honest_false_alarms"] for r in honest_rows), "target": None,
               **lost(runs["honest"])}]
@@ -263,6 +281,7 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
             "receipts_until_caught": None if math.isinf(measured) else measured,
             "receipts_to_evidence": median_or_none([r["receipts_to_evidence"] for r in rows
                                                     if r["receipts_to_evidence"] is not None]),
+            "s_to_catch": median_or_none([r["caught_after_s"] for r in rows if r.get("caught_after_s") is not None]),
             "solved": f"{sum(r['reached'] for r in rows)}/{len(rows)}", "median_train_wall_s": wall,
             "solve_time_ratio": round(wall / honest, 2) if wall and honest else None,
             "honest_false_alarms": sum(r["honest_false_alarms"] for r in rows),
@@ -304,7 +323,8 @@ def main() -> None:
         for name in order:
             started = time.monotonic()
             try:
-                row = run_once(None if name == "honest" else name, target, max_minutes, defaults.strikes_to_ban)
+                row = run_once(None if name == "honest" else name, target, max_minutes, defaults.strikes_to_ban,
+                               defaults.token_ttl)
             except AssertionError as e:  # the swarm did not start (procs.py's checks): a lost run, not a lost benchmark
                 row = {"cheat": name, "error": str(e)[-2000:], "reached": False, "train_wall_s": None,
                        "honest_false_alarms": 0, "caught": False, "caught_by": None, "receipts_until_caught": None,

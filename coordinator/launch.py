@@ -168,6 +168,8 @@ class Launch:
             if trusted.epoch != kept_epoch:  # parameters of every epoch, for audits and late joiners' checks
                 kept_epoch = trusted.epoch
                 self.verifier.add_epoch(kept_epoch, trusted.snapshot(), params_hash(trusted.state.behaviour))
+            for sent in trusted.sent_sketches():  # the round that ended the epoch before this one
+                self.verifier.add_sent(trusted.epoch - 1, sent)
             self.verifier.pump(self.auditor)
             if self.stop.is_set():
                 return True

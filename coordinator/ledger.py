@@ -96,6 +96,23 @@ class Ledger:
                 self.db.execute("UPDATE peers SET strikes = strikes + 1 WHERE peer_id = ?", (peer_id,))
             return self.db.execute("SELECT strikes FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()[0]
 
+    def strike(self, peer_id: str) -> int:
+        """A strike that is not a failed audit (what a peer sent into a round contradicts its receipts)."""
+        with self.lock:
+            self.db.execute("UPDATE peers SET strikes = strikes + 1 WHERE peer_id = ?", (peer_id,))
+            return self.db.execute("SELECT strikes FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()[0]
+
+    def peer_by_libp2p_id(self, libp2p_id: str) -> str | None:
+        with self.lock:
+            row = self.db.execute("SELECT peer_id FROM peers WHERE libp2p_id = ?", (libp2p_id,)).fetchone()
+        return row and row[0]
+
+    def receipts(self, peer_id: str, first_epoch: int, last_epoch: int) -> list[bytes]:
+        """The stored (signed) receipt bytes of a peer for epochs first_epoch..last_epoch."""
+        with self.lock:
+            return [r[0] for r in self.db.execute("SELECT data FROM receipts WHERE peer_id = ? AND epoch BETWEEN ? "
+                                                  "AND ?", (peer_id, first_epoch, last_epoch))]
+
     def ban(self, peer_id: str, reason: str) -> None:
         with self.lock:
             self.db.execute("UPDATE peers SET banned = 1, ban_reason = ? WHERE peer_id = ?", (reason, peer_id))

@@ -68,11 +68,36 @@ def centered_clip(parts: list[torch.Tensor], iterations: int = CLIP_ITERATIONS) 
 
 class RobustReducer(TensorPartReducer):
     """hivemind's reducer with each part's average replaced by centered_clip over the senders: every sender
-    counts once whatever weight it reports (hivemind weights by a self-reported sample count)."""
+    counts once whatever weight it reports (hivemind weights by a self-reported sample count).
+
+    When this reducer gets every part of the vector (it is the only reducer) and install() was given a sketch
+    spec, it also projects what each sender sent onto the receipts' sketch directions and puts
+    {sender's hivemind id: sketch} on the queue, so that the coordinator can compare it with the sender's
+    receipts (the projection of a sum is the sum of the projections)."""
+
+    sender_ids: list[str] = []  # set by the all-reduce runner (see install)
 
     def reset_accumulators(self):
-        self.parts: list[tuple[torch.Tensor, float]] = []
+        if not hasattr(self, "offset"):
+            self.offset, self.total = 0, sum(shape.numel() for shape in self.part_shapes)
+            self.sent: dict[int, torch.Tensor] = {}
+        elif self.parts:
+            self._project()
+        self.parts: list[tuple[int, torch.Tensor, float]] = []
         super().reset_accumulators()
+
+    def _project(self) -> None:
+        """Add the finished part of every sender to its running sketch (only when the whole vector passes here)."""
+        spec = _sketch_spec
+        if spec is None or self.total != spec[2]:
+            return
+        size = self.parts[0][1].numel()
+        directions = _directions()[:, self.offset:self.offset + size]  # [dim, size]
+        for sender, part, _ in self.parts:
+            self.sent[sender] = self.sent.get(sender, 0) + directions @ part.reshape(-1)
+        self.offset += size
+        if self.offset == self.total and self.sender_ids and _sent_queue is not None:
+            _sent_queue.put({self.sender_ids[i]: v.tolist() for i, v in self.sent.items()})
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
                               weight: float = 1.0) -> torch.Tensor:
@@ -88,14 +113,14 @@ class RobustReducer(TensorPartReducer):
             raise BannedException(f"sender {sender_index} was banned in background")
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
-            self.parts.append((tensor_part.float(), weight))
+            self.parts.append((sender_index, tensor_part.float(), weight))
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
 
     def check_current_part_finished(self):
         if self.current_part_accumulated_from == self.num_current_senders:
-            weighted = [p for p, w in self.parts if w > 0] or [p for p, _ in self.parts]  # aux peers send weight 0
+            weighted = [p for _, p, w in self.parts if w > 0] or [p for _, p, _ in self.parts]  # aux: weight 0
             if weighted:
                 self.current_part_future.set_result(centered_clip(weighted))
             else:
@@ -130,15 +155,35 @@ class AccessGuard:
 
 _guard: AccessGuard | None = None
 _original = {}
+_sketch_spec: tuple[int, int, int] | None = None  # (dim, seed, number of parameters)
+_sent_queue = None
+_projection: list[torch.Tensor] = []
 
 
-def install(run_id: str, tag: bytes) -> None:
-    """Make every averager created after this in this process a trusted reducer (robust, access-controlled)."""
-    global _guard
+def _directions() -> torch.Tensor:
+    if not _projection:  # the same matrix as protocol.work.sketch
+        dim, seed, size = _sketch_spec
+        _projection.append(torch.randn(dim, size, generator=torch.Generator().manual_seed(seed)))
+    return _projection[0]
+
+
+def install(run_id: str, tag: bytes, sketch_spec: tuple[int, int, int] | None = None, sent_queue=None) -> None:
+    """Make every averager created after this in this process a trusted reducer (robust, access-controlled).
+    sketch_spec (dim, seed, parameters) and sent_queue: report the sketch of what each sender sent (see
+    RobustReducer); only meaningful where parameters are averaged (sync_mode 'local')."""
+    global _guard, _sketch_spec, _sent_queue
     _guard = AccessGuard(run_id, tag)
+    _sketch_spec, _sent_queue = sketch_spec, sent_queue
     allreduce.TensorPartReducer = RobustReducer
     if _original:
         return
+    runner_init = allreduce.AllReduceRunner.__init__
+
+    def init_runner(self, *args, **kwargs):
+        runner_init(self, *args, **kwargs)
+        self.tensor_part_reducer.sender_ids = [peer.to_base58() for peer in self.sender_peer_ids]
+
+    allreduce.AllReduceRunner.__init__ = init_runner
     _original.update(join=averager.DecentralizedAverager.rpc_join_group,
                      part=averager.DecentralizedAverager.rpc_aggregate_part,
                      download=averager.DecentralizedAverager.rpc_download_state)

@@ -7,6 +7,8 @@ client volunteers would never learn the swarm's epoch, and step(batch_size=0) di
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import queue
 import time
 from typing import Callable
 
@@ -16,9 +18,9 @@ from hivegym.coordinator import reducer
 from hivegym.peer import swarm
 from hivegym.peer.worker import Epoch, Progress, do_batch
 from hivegym.protocol.config import RunConfig
-from hivegym.protocol.policy import build_policy
+from hivegym.protocol.policy import build_policy, parameter_count
 from hivegym.protocol.rollout import Collector, evaluate
-from hivegym.protocol.work import batch_seeds
+from hivegym.protocol.work import batch_seeds, sketch_seed
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +36,13 @@ class TrustedPeer:
                  announce_maddrs: list[str] | None = None):
         self.config = config
         self.tag = reducer.owner_tag()
-        reducer.install(config.run_id, self.tag)  # before the averagers fork
+        self.policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
+        # what each volunteer sends into a round comes back here as a sketch (parameter averaging only)
+        self.sent = multiprocessing.get_context("fork").Queue()
+        spec = (config.sketch_dim, sketch_seed(config.run_id), parameter_count(self.policy))
+        reducer.install(config.run_id, self.tag, spec if config.sync_mode == "local" else None, self.sent)  # pre-fork
         self.dht = swarm.start_dht([], client_mode=False, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
                                    record_validators=reducer.validators(config.run_id, self.tag))
-        self.policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
         self.opt = swarm.make_optimizer(self.dht, self.policy, config, client_mode=False)
         self.local_config = _with_envs(config, TRUSTED_NUM_ENVS)
         self.collector = Collector(config.env_id, TRUSTED_NUM_ENVS, 0)
@@ -69,6 +74,15 @@ class TrustedPeer:
         """The current epoch's parameters (what peers hold right after the round that began it)."""
         return {k: v.detach().clone() for k, v in self.state.behaviour.state_dict().items()}
 
+    def sent_sketches(self) -> list[dict[str, list[float]]]:
+        """What the rounds since the last call received from each sender, as {hivemind id: sketch}."""
+        items = []
+        while True:
+            try:
+                items.append(self.sent.get_nowait())
+            except queue.Empty:
+                return items
+
     def allow(self, libp2p_id: str, expires: float) -> None:
         """Store the access record of a peer in the DHT (signed with this process's key)."""
         self.dht.store(f"{self.config.run_id}_access", subkey=reducer.subkey(libp2p_id, self.tag), value=expires,
@@ -80,6 +94,7 @@ class TrustedPeer:
 
     def shutdown(self) -> None:
         self.collector.close()
+        self.sent.cancel_join_thread()
         swarm.shutdown(self.opt, self.dht)
 
 

@@ -8,6 +8,7 @@ and applies the verdicts. Everything shared sits behind one lock.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 CLOCK_SKEW_S = 60.0  # a Join/RenewToken timestamp may be this far from the coordinator's clock
 MAX_QUEUED_AUDITS = 1000
+SENT_CHECK_DELAY_S = 5.0  # a round's last receipts arrive after it (a receipt follows its batch's step)
+SENT_RTOL = 0.5  # what a peer sent vs its receipts, relative to its contribution (see sent_error)
+CODEC_RTOL = 2e-3  # float16 rounding of the parameters, relative to their sketch
 RATE_SLACK_S = 5.0  # seconds of work a peer may claim beyond its time since joining
 _random = secrets.SystemRandom()  # peers must not predict which receipts are audited
 
@@ -51,6 +55,15 @@ class PendingAudit:
     receipt: Receipt
 
 
+def sent_error(sent: list[float], receipts: list[Receipt]) -> float:
+    """|sketch(sent) - (params sketch + mean contribution sketch)|, less the codec's share, relative to the mean
+    contribution's sketch: small for an honest peer, 4.7-11 here for one that sends its contribution times -10."""
+    params = receipts[0].params_sketch
+    mean = [sum(values) / len(receipts) for values in zip(*(r.update_sketch for r in receipts))]
+    error = math.hypot(*(s - p - m for s, p, m in zip(sent, params, mean)))
+    return max(0.0, error - CODEC_RTOL * math.hypot(*params)) / max(math.hypot(*mean), 1e-12)
+
+
 class Verifier:
     def __init__(self, config: RunConfig, identity: Identity, ledger: Ledger,
                  publish_access: Callable[[str, float], None], publish_ban: Callable[[str], None]):
@@ -66,6 +79,7 @@ class Verifier:
         self.refusals: dict[str, dict[str, int]] = {}  # peer id ("?" if unreadable) -> gRPC code -> receipts refused
         self.queue: deque[PendingAudit] = deque(maxlen=MAX_QUEUED_AUDITS)
         self.running: list[tuple[Future, PendingAudit]] = []
+        self.sent: deque[tuple[float, int, dict[str, list[float]]]] = deque(maxlen=MAX_QUEUED_AUDITS)
         self.epoch = 0
 
     # ---- access -------------------------------------------------------------------------------------------
@@ -233,8 +247,35 @@ class Verifier:
         signature = self.identity.sign(epoch_hash_message(self.config.run_id, epoch, params_hash))
         return pb.EpochHashReply(epoch=epoch, params_hash=params_hash, signature=signature)
 
+    def add_sent(self, epoch: int, sent: dict[str, list[float]]) -> None:
+        """Sketches of what each sender (by hivemind id) put into the round that ended `epoch`, from the trusted
+        reducer; checked against the senders' receipts once the receipts of that epoch are in."""
+        self.sent.append((time.monotonic() + SENT_CHECK_DELAY_S, epoch, sent))
+
+    def _check_sent(self) -> None:
+        """A peer sends the epoch's parameters plus the mean of its batches' contributions, so the sketch of what
+        it sent must be its receipts' parameter sketch plus the mean of their contribution sketches (up to the
+        codec's rounding). Anything else means it put something into the average that its receipts do not say."""
+        now = time.monotonic()
+        while self.sent and self.sent[0][0] <= now:
+            _, epoch, sent = self.sent.popleft()
+            for libp2p_id, sent_sketch in sent.items():
+                pid = self.ledger.peer_by_libp2p_id(libp2p_id)
+                if pid is None:  # the coordinator's own peer
+                    continue
+                by_label: dict[int, list[Receipt]] = {}
+                for data in self.ledger.receipts(pid, epoch - 1, epoch + 1):
+                    receipt = decode_receipt(data)
+                    by_label.setdefault(receipt.epoch, []).append(receipt)
+                errors = [sent_error(sent_sketch, receipts) for receipts in by_label.values()]
+                if errors and min(errors) > SENT_RTOL:
+                    self._strike(pid, f"what it sent into the round that ended epoch {epoch} is not what its "
+                                      f"receipts say (off by {min(errors):.2g} of its contribution)")
+
     def pump(self, pool: ProcessPoolExecutor, parallel: int = 4) -> None:
-        """Apply finished audits and hand queued ones to the pool (at most `parallel` waiting there at a time)."""
+        """Apply finished audits and hand queued ones to the pool (at most `parallel` waiting there at a time);
+        check what peers sent into finished rounds."""
+        self._check_sent()
         for future, job in [(f, j) for f, j in self.running if f.done()]:
             self.running.remove((future, job))
             try:
@@ -284,13 +325,22 @@ class Verifier:
             return
         logger.warning("audit of %s epoch %d batch %d FAILED (strike %d): %s", job.peer_id, r.epoch, r.batch,
                        strikes, detail)
-        if strikes >= self.config.strikes_to_ban:
-            reason = f"{strikes} failed audits; last: {detail}"
-            self.ledger.ban(job.peer_id, reason)
-            peer = self.ledger.peer(job.peer_id)
-            logger.warning("peer %s (%s) is banned: %s", job.peer_id, peer["name"], reason)
-            if peer["libp2p_id"]:
-                self.publish_ban(peer["libp2p_id"])
+        self._ban_past_threshold(job.peer_id, strikes, detail)
+
+    def _strike(self, pid: str, detail: str) -> None:
+        strikes = self.ledger.strike(pid)
+        logger.warning("peer %s: strike %d: %s", pid, strikes, detail)
+        self._ban_past_threshold(pid, strikes, detail)
+
+    def _ban_past_threshold(self, pid: str, strikes: int, detail: str) -> None:
+        peer = self.ledger.peer(pid)
+        if strikes < self.config.strikes_to_ban or peer["banned"]:
+            return
+        reason = f"{strikes} strikes; last: {detail}"
+        self.ledger.ban(pid, reason)
+        logger.warning("peer %s (%s) is banned: %s", pid, peer["name"], reason)
+        if peer["libp2p_id"]:
+            self.publish_ban(peer["libp2p_id"])
 
     def idle(self) -> bool:
         return not self.queue and not self.running

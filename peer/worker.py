@@ -72,6 +72,11 @@ class BatchResult:
     average_s: float = 0.0
 
 
+def round_input(epoch: Epoch) -> torch.Tensor:
+    """What a peer puts into the next round (local mode): the epoch's parameters + its mean contribution, [P]."""
+    return epoch.params + epoch.total / epoch.count
+
+
 def do_batch(policy: ActorCritic, epoch: Epoch, collector: Collector, seeds: BatchSeeds, progress: Progress,
              step: StepFn) -> tuple[BatchResult, Epoch]:
     """One batch: collect with the epoch's parameters, compute the contribution, apply it and step the optimizer.
@@ -91,7 +96,7 @@ def do_batch(policy: ActorCritic, epoch: Epoch, collector: Collector, seeds: Bat
         if config.sync_mode == "local":  # what goes into the round: the epoch's parameters + the mean contribution
             epoch.total += update.to(device)
             epoch.count += 1
-            set_flat_params_(policy, epoch.params + epoch.total / epoch.count)
+            set_flat_params_(policy, round_input(epoch))
         else:  # the optimizer averages these gradients over the swarm, then steps
             offset = 0
             for p in policy.parameters():

@@ -13,7 +13,7 @@ from hivegym.protocol.identity import Identity
 from procs import start_coordinator, start_peer, wait_for
 
 GROUPS = {
-    "work": ["fabricated_returns", "random_gradients", "scaled_gradients"],
+    "work": ["fabricated_returns", "random_gradients", "scaled_gradients", "sends_other"],
     "claims": ["own_seeds", "stale_params", "replayed_receipt", "forged_signature"],
     "access": ["no_token", "expired_token", "banned_keeps_running"],
 }
@@ -24,7 +24,7 @@ REFUSED = {  # the status a cheat's receipts get, where refusing them is how it 
 }
 AVERAGING_REFUSED = {"no_token", "expired_token", "banned_keeps_running"}  # trusted averagers refuse them
 BANNED = {"fabricated_returns", "random_gradients", "scaled_gradients", "own_seeds", "stale_params",
-          "banned_keeps_running"}
+          "banned_keeps_running", "sends_other"}
 
 
 @pytest.mark.slow

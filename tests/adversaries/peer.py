@@ -34,6 +34,8 @@ CHEATS = {
     "no_token": "never binds a token to its hivemind id: trusted averagers refuse it",
     "expired_token": "never renews its token: its receipts and its averaging are refused once it expires",
     "banned_keeps_running": "fabricates returns and goes on after its ban: receipts, renewal and averaging refused",
+    "sends_other": "hands in honest receipts but sends its contribution times -10 into the rounds: the reducer's "
+                   "sketch of what it sent contradicts its receipts",
 }
 
 
@@ -67,6 +69,8 @@ def install(cheat: str) -> None:
             return torch.randn_like(update) * update.norm() / update.numel() ** 0.5
 
         worker.contribution = contribution
+    if cheat == "sends_other":
+        worker.round_input = lambda epoch: epoch.params - 10.0 * epoch.total / epoch.count
     if cheat == "own_seeds":
         volunteer.batch_seeds = lambda *args: BatchSeeds(envs=12345, actions=1, shuffle=2)
     if cheat == "stale_params":
