@@ -8,8 +8,9 @@ to solve is read off the coordinator's evaluations as they happen (from the firs
 other benchmarks' train_wall_s).
 
 "Receipts until caught" counts the receipts the cheater handed in (accepted or refused) before it was caught:
-- banned (failed audits): every receipt the coordinator accepted from it (a ban refuses all later ones) plus the
-  ones refused for other reasons before;
+- banned (strikes_to_ban strikes: failed audits, or rounds into which it sent something other than what its
+  receipts say): every receipt the coordinator accepted from it (a ban refuses all later ones) plus the ones
+  refused for other reasons before;
 - refused (a duplicate, a bad signature, an expired token): those handed in before its first such refusal;
 - refused by the trusted averagers (no token bound to its hivemind id, or an expired one): those accepted before
   the coordinator's first "refused averager access" for its hivemind id.
@@ -22,6 +23,7 @@ counts as infinitely many receipts in the median. Target: every cheat caught wit
 
     python benchmarks/adversaries.py            # 5 runs of every cheat
     python benchmarks/adversaries.py --quick    # 2 runs of 5 cheats (one per way of being caught)
+    python benchmarks/adversaries.py --cheats no_token expired_token --runs 3
     python benchmarks/adversaries.py --smoke    # 1 run of 1 cheat, tiny target: to check that it runs
 """
 
@@ -49,7 +51,7 @@ from benchmarks_common import machine, print_table  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")
 TARGET_RECEIPTS = 60
-QUICK_CHEATS = ["fabricated_returns", "scaled_gradients", "replayed_receipt", "forged_signature", "no_token"]
+QUICK_CHEATS = ["fabricated_returns", "sends_other", "replayed_receipt", "forged_signature", "no_token"]
 SMOKE_CHEATS = ["fabricated_returns"]
 CAUGHT_CODES = {"ALREADY_EXISTS", "UNAUTHENTICATED", "INVALID_ARGUMENT", "PERMISSION_DENIED"}  # not honest mishaps
 POLL_S = 0.25
@@ -169,6 +171,7 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
                 break
             time.sleep(POLL_S)
         ended = time.time()
+        exited = coordinator.popen.poll()  # None: still running, as it should be unless max_minutes passed
         if coordinator.popen.poll() is None:  # its SIGTERM handler ends the run and writes summary.json
             coordinator.popen.send_signal(signal.SIGTERM)
             try:
@@ -192,6 +195,11 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     row = {"cheat": cheat or "-", "run_dir": str(run_dir), "reached": solved_at is not None,
            "train_wall_s": None, "total_wall_s": None}
+    if exited and not summary:  # the coordinator failed by itself: a lost run, not a cheater that got away
+        row.update(error=f"the coordinator exited with code {exited}: {coordinator.text()[-1500:]}",
+                   honest_false_alarms=0, caught=False, caught_by=None, receipts_until_caught=None,
+                   receipts_to_evidence=None)
+        return row
     started = first_report = None
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists() and metrics.read_text().strip():
@@ -214,14 +222,19 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
     cheater_id = cheater_id or key_peer_id(run_dir / "cheater.key")
     accepted = ledger_query(ledger, "SELECT received, audit FROM receipts WHERE peer_id = ? ORDER BY received",
                             (cheater_id,)) if cheater_id else []
-    banned = bool(cheater_id) and ledger_query(
-        ledger, "SELECT banned FROM peers WHERE peer_id = ?", (cheater_id,)) == [(1,)]
+    standing = ledger_query(ledger, "SELECT banned, strikes FROM peers WHERE peer_id = ?", (cheater_id,))
+    banned, strikes = standing[0] if standing else (0, 0)
     if banned and ban_at is None:
         ban_at = ended  # banned between the last look and the end
+    failed = [received for received, audit in accepted if audit == "failed"]
+    # strikes are failed audits, or rounds into which it sent something other than what its receipts say
+    round_strikes = max(strikes - len(failed), 0)
+    ban_by = ("failed audits" if not round_strikes else "round checks" if not failed
+              else "failed audits + round checks")
     began = cheat_began(cheat, libp2p_seen.get("cheater", math.inf), token_ttl)
     events = []  # (when, how, when each receipt refused before it was seen)
     if ban_at is not None:
-        events.append((ban_at, "banned (failed audits)", [t for t, _ in refusals if t <= ban_at]))
+        events.append((ban_at, f"banned ({ban_by})", [t for t, _ in refusals if t <= ban_at]))
     first = next((i for i, (t, code) in enumerate(refusals) if code in CAUGHT_CODES and t >= began), None)
     if first is not None:
         when, code = refusals[first]
@@ -229,12 +242,12 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
     when = next((t for t in averager_refused.get(libp2p.get("cheater"), []) if t >= began), None)
     if when is not None:
         events.append((when, "averagers refused it", [t for t, _ in refusals if t < when]))
-    failed = [received for received, audit in accepted if audit == "failed"]
     row.update(caught=bool(events), caught_by=None, receipts_until_caught=None,
                receipts_to_evidence=(sum(r <= failed[strikes_to_ban - 1] for r, _ in accepted)
-                                     if len(failed) >= strikes_to_ban else None),
+                                     if len(failed) >= strikes_to_ban and not round_strikes else None),
                receipts_handed_in=len(accepted) + len(refusals), accepted=len(accepted),
                sampled=sum(audit is not None for _, audit in accepted), audits_failed=len(failed),
+               round_strikes=round_strikes,
                refusals=summary.get("refusals", {}).get(cheater_id, {}) if cheater_id else {})
     if events:
         when, how, refused = min(events)
@@ -307,7 +320,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "adversaries.json")
     args = parser.parse_args()
     runs = 1 if args.smoke else (2 if args.quick else args.runs)
-    cheats = args.cheats or (SMOKE_CHEATS if args.smoke else QUICK_CHEATS if args.quick else list(CHEATS))
+    cheats = args.cheats or [c for c in (SMOKE_CHEATS if args.smoke else QUICK_CHEATS if args.quick else CHEATS)
+                             if c in CHEATS]
     target = args.target_return or (30.0 if args.smoke else 475.0)
     max_minutes = args.max_minutes or (1.5 if args.smoke else 3.0 if args.quick else 5.0)
     out = args.out.resolve()

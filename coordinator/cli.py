@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop and exit 0 once the evaluation's mean return reaches R")
     parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
                         help="exit non-zero if the target is not reached within M minutes")
+    parser.add_argument("--reducer-for", metavar="HOST:PORT#KEY", default=None,
+                        help="run as an extra trusted reducer of that coordinator (on another host); needs the "
+                             "coordinator's own key as --identity, and --host-maddrs/--announce-maddrs that peers reach")
     parser.add_argument("--leaderboard", metavar="HOST:PORT", default=None,
                         help="print the ledger of a running coordinator (per peer: steps claimed and verified, "
                              "audits, credits, device-hours, bans) and exit")
@@ -79,10 +82,42 @@ def leaderboard(address: str) -> int:
     return 0
 
 
+def reducer(args: argparse.Namespace) -> int:
+    from hivegym.protocol.identity import Identity, IdentityError, parse_join
+    from hivegym.protocol.logs import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        target = parse_join(args.reducer_for)
+        if args.identity is None:
+            raise IdentityError("--reducer-for needs the coordinator's key file as --identity")
+        identity = Identity.load(args.identity)
+    except IdentityError as e:
+        print(f"hivegym-launch: {e}", file=sys.stderr)
+        return 2
+    if target.public_key is not None and target.public_key != identity.public_key:
+        print("hivegym-launch: --identity is not the key of the coordinator in --reducer-for", file=sys.stderr)
+        return 2
+    import grpc
+    import torch
+
+    torch.set_num_threads(1)
+    from hivegym.coordinator.remote_reducer import run_reducer
+    from hivegym.protocol.rpc import describe_error
+
+    try:
+        return run_reducer(target.address, identity, args.host_maddrs, args.announce_maddrs, args.max_minutes)
+    except grpc.RpcError as e:
+        print(f"hivegym-launch: the coordinator refused the reducer ({describe_error(e)})", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.leaderboard:
         return leaderboard(args.leaderboard)
+    if args.reducer_for:
+        return reducer(args)
     from hivegym.protocol.config import ConfigError, load
     from hivegym.protocol.logs import setup_logging
 

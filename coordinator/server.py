@@ -57,6 +57,7 @@ class SwarmState:
     last_eval_epoch: int = 0
     peers: dict[str, PeerRecord] = field(default_factory=dict)  # by peer id
     checkpoints_dir: Path | None = None  # where the signed checkpoint packages are published
+    owner_tag: bytes = b""  # the trusted peer's hivemind record tag (extra reducers validate records with it)
     ledger: Ledger | None = None  # the verifier's ledger, for the dashboard's audit and credit columns
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -116,6 +117,18 @@ class CoordinatorService:
                 peer.timings["wall_s"] = receipt.wall_s
             return pb.SubmitReceiptReply(epoch=self.state.epoch)
 
+    def register_reducer(self, request: pb.RegisterReducerRequest, context: grpc.ServicerContext
+                         ) -> pb.RegisterReducerReply:
+        self.verifier.register_reducer(request.credentials)
+        with self.state.lock:
+            known = list(self.state.bootstrap_maddrs)
+            for maddr in request.maddrs:  # volunteers that join from now on follow it and may bootstrap from it
+                if maddr not in self.state.bootstrap_maddrs:
+                    self.state.bootstrap_maddrs.append(maddr)
+                    logger.info("trusted reducer registered at %s", maddr)
+        return pb.RegisterReducerReply(run_config_json=self.state.run_config_json, bootstrap_maddrs=known,
+                                       owner_tag=self.state.owner_tag)
+
     def epoch_hash(self, request: pb.EpochHashRequest, context: grpc.ServicerContext) -> pb.EpochHashReply:
         return self.verifier.signed_hash(request.epoch)
 
@@ -154,7 +167,8 @@ def start_server(state: SwarmState, verifier: Verifier, host: str, port: int, wo
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES)])
     methods = {"Join": service.join, "RenewToken": service.renew_token, "SubmitReceipt": service.submit_receipt,
-               "EpochHash": service.epoch_hash, "Status": service.status,
+               "EpochHash": service.epoch_hash, "RegisterReducer": service.register_reducer,
+               "Status": service.status,
                "ListCheckpoints": store.list, "DownloadCheckpoint": store.download}
     assert methods.keys() == REQUEST_TYPES.keys()
     server.add_generic_rpc_handlers(

@@ -33,15 +33,19 @@ class TrustedPeer:
     """A full hivemind peer whose averagers reduce robustly and serve only peers with access (coordinator/reducer.py)."""
 
     def __init__(self, config: RunConfig, host_maddrs: list[str] | None = None,
-                 announce_maddrs: list[str] | None = None):
+                 announce_maddrs: list[str] | None = None, initial_peers: list[str] = (),
+                 coordinator_tag: bytes | None = None):
+        """The coordinator's own trusted peer; with initial_peers and the coordinator's record tag, an extra trusted
+        reducer on another host (coordinator/remote_reducer.py)."""
         self.config = config
-        self.tag = reducer.owner_tag()
+        self.tag = coordinator_tag or reducer.owner_tag()  # whose access and ban records its averagers obey
         self.policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
         # what each volunteer sends into a round comes back here as a sketch (parameter averaging only)
         self.sent = multiprocessing.get_context("fork").Queue()
         spec = (config.sketch_dim, sketch_seed(config.run_id), parameter_count(self.policy))
         reducer.install(config.run_id, self.tag, spec if config.sync_mode == "local" else None, self.sent)  # pre-fork
-        self.dht = swarm.start_dht([], client_mode=False, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+        self.dht = swarm.start_dht(list(initial_peers), client_mode=False, host_maddrs=host_maddrs,
+                                   announce_maddrs=announce_maddrs,
                                    record_validators=reducer.validators(config.run_id, self.tag))
         self.opt = swarm.make_optimizer(self.dht, self.policy, config, client_mode=False)
         self.local_config = _with_envs(config, TRUSTED_NUM_ENVS)
@@ -49,6 +53,14 @@ class TrustedPeer:
         self.state = Epoch(self.policy, self.opt.local_epoch, self.local_config)
         self.progress = Progress()
         self.started = time.monotonic()
+
+    def catch_up(self) -> None:
+        """Start from the swarm's state (an extra reducer joining a running swarm)."""
+        if not swarm.wait_for_reducer(self.opt, timeout=self.config.load_state_timeout):
+            raise RuntimeError("no trusted peer of the swarm answered within load_state_timeout")
+        if self.opt.tracker.global_epoch > 0:
+            self.opt.load_state_from_peers()
+        self.state = Epoch(self.policy, self.opt.local_epoch, self.local_config)
 
     @property
     def epoch(self) -> int:

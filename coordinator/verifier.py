@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 CLOCK_SKEW_S = 60.0  # a Join/RenewToken timestamp may be this far from the coordinator's clock
 MAX_QUEUED_AUDITS = 1000
+REDUCER_NAME = "reducer"  # the name in a reducer's credentials
 SENT_CHECK_DELAY_S = 5.0  # a round's last receipts arrive after it (a receipt follows its batch's step)
 SENT_RTOL = 0.5  # what a peer sent vs its receipts, relative to its contribution (see sent_error)
 CODEC_RTOL = 2e-3  # float16 rounding of the parameters, relative to their sketch
@@ -118,6 +119,14 @@ class Verifier:
         reply = self._token(pid, credentials.public_key, credentials.libp2p_id)
         self.publish_access(credentials.libp2p_id, time.time() + self.config.token_ttl)
         return reply
+
+    def register_reducer(self, credentials: pb.Credentials) -> None:
+        """An extra trusted reducer proves the coordinator's own key; with its hivemind id it gets access."""
+        if credentials.public_key != self.identity.public_key:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "only the coordinator's own key registers reducers")
+        self.check_credentials(REDUCER_NAME, credentials)
+        if credentials.libp2p_id:
+            self.publish_access(credentials.libp2p_id, time.time() + self.config.token_ttl)
 
     def _token(self, pid: str, public_key: bytes, libp2p_id: str) -> pb.TokenReply:
         token = Token(self.config.run_id, pid, public_key, libp2p_id, time.time() + self.config.token_ttl)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rhivegym.proto\x12\x07hivegym\"Z\n\x0b\x43redentials\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tlibp2p_id\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"u\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12)\n\x0b\x63redentials\x18\x04 \x01(\x0b\x32\x14.hivegym.Credentials\"4\n\nTokenReply\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x17\n\x0ftoken_signature\x18\x02 \x01(\x0c\"b\n\tJoinReply\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x18\n\x10\x62ootstrap_maddrs\x18\x02 \x03(\t\x12\"\n\x05token\x18\x03 \x01(\x0b\x32\x13.hivegym.TokenReply\"Q\n\x11RenewTokenRequest\x12\x11\n\tpeer_name\x18\x01 \x01(\t\x12)\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x14.hivegym.Credentials\":\n\x14SubmitReceiptRequest\x12\x0f\n\x07receipt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"#\n\x12SubmitReceiptReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"!\n\x10\x45pochHashRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"G\n\x0e\x45pochHashReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bparams_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x0f\n\rStatusRequest\"\xf3\x01\n\x0bStatusReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nlive_peers\x18\x02 \x01(\r\x12\x1a\n\x12samples_per_second\x18\x03 \x01(\x01\x12\x11\n\tenv_steps\x18\x04 \x01(\x04\x12\x10\n\x08has_eval\x18\x05 \x01(\x08\x12\x18\n\x10last_eval_return\x18\x06 \x01(\x01\x12\x17\n\x0flast_eval_epoch\x18\x07 \x01(\x04\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\"\n\x05peers\x18\t \x03(\x0b\x32\x13.hivegym.PeerLedger\x12\x17\n\x0f\x63oordinator_key\x18\n \x01(\x0c\"\xd4\x01\n\nPeerLedger\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x15\n\rsteps_claimed\x18\x03 \x01(\x04\x12\x16\n\x0esteps_verified\x18\x04 \x01(\x04\x12\x15\n\raudits_passed\x18\x05 \x01(\r\x12\x15\n\raudits_failed\x18\x06 \x01(\r\x12\x0f\n\x07\x63redits\x18\x07 \x01(\x04\x12\x14\n\x0c\x64\x65vice_hours\x18\x08 \x01(\x01\x12\x0e\n\x06\x62\x61nned\x18\t \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\"\x18\n\x16ListCheckpointsRequest\"6\n\x0f\x43heckpointEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"E\n\x14ListCheckpointsReply\x12-\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x18.hivegym.CheckpointEntry\"I\n\x19\x44ownloadCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"[\n\x0f\x43heckpointChunk\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xed\x03\n\x0b\x43oordinator\x12\x30\n\x04Join\x12\x14.hivegym.JoinRequest\x1a\x12.hivegym.JoinReply\x12=\n\nRenewToken\x12\x1a.hivegym.RenewTokenRequest\x1a\x13.hivegym.TokenReply\x12K\n\rSubmitReceipt\x12\x1d.hivegym.SubmitReceiptRequest\x1a\x1b.hivegym.SubmitReceiptReply\x12?\n\tEpochHash\x12\x19.hivegym.EpochHashRequest\x1a\x17.hivegym.EpochHashReply\x12\x36\n\x06Status\x12\x16.hivegym.StatusRequest\x1a\x14.hivegym.StatusReply\x12Q\n\x0fListCheckpoints\x12\x1f.hivegym.ListCheckpointsRequest\x1a\x1d.hivegym.ListCheckpointsReply\x12T\n\x12\x44ownloadCheckpoint\x12\".hivegym.DownloadCheckpointRequest\x1a\x18.hivegym.CheckpointChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rhivegym.proto\x12\x07hivegym\"Z\n\x0b\x43redentials\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tlibp2p_id\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"u\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12)\n\x0b\x63redentials\x18\x04 \x01(\x0b\x32\x14.hivegym.Credentials\"4\n\nTokenReply\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x17\n\x0ftoken_signature\x18\x02 \x01(\x0c\"b\n\tJoinReply\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x18\n\x10\x62ootstrap_maddrs\x18\x02 \x03(\t\x12\"\n\x05token\x18\x03 \x01(\x0b\x32\x13.hivegym.TokenReply\"Q\n\x11RenewTokenRequest\x12\x11\n\tpeer_name\x18\x01 \x01(\t\x12)\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x14.hivegym.Credentials\":\n\x14SubmitReceiptRequest\x12\x0f\n\x07receipt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"#\n\x12SubmitReceiptReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"S\n\x16RegisterReducerRequest\x12)\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x14.hivegym.Credentials\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\"\\\n\x14RegisterReducerReply\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x18\n\x10\x62ootstrap_maddrs\x18\x02 \x03(\t\x12\x11\n\towner_tag\x18\x03 \x01(\x0c\"!\n\x10\x45pochHashRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"G\n\x0e\x45pochHashReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bparams_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x0f\n\rStatusRequest\"\xf3\x01\n\x0bStatusReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nlive_peers\x18\x02 \x01(\r\x12\x1a\n\x12samples_per_second\x18\x03 \x01(\x01\x12\x11\n\tenv_steps\x18\x04 \x01(\x04\x12\x10\n\x08has_eval\x18\x05 \x01(\x08\x12\x18\n\x10last_eval_return\x18\x06 \x01(\x01\x12\x17\n\x0flast_eval_epoch\x18\x07 \x01(\x04\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\"\n\x05peers\x18\t \x03(\x0b\x32\x13.hivegym.PeerLedger\x12\x17\n\x0f\x63oordinator_key\x18\n \x01(\x0c\"\xd4\x01\n\nPeerLedger\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x11\n\tpeer_name\x18\x02 \x01(\t\x12\x15\n\rsteps_claimed\x18\x03 \x01(\x04\x12\x16\n\x0esteps_verified\x18\x04 \x01(\x04\x12\x15\n\raudits_passed\x18\x05 \x01(\r\x12\x15\n\raudits_failed\x18\x06 \x01(\r\x12\x0f\n\x07\x63redits\x18\x07 \x01(\x04\x12\x14\n\x0c\x64\x65vice_hours\x18\x08 \x01(\x01\x12\x0e\n\x06\x62\x61nned\x18\t \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\"\x18\n\x16ListCheckpointsRequest\"6\n\x0f\x43heckpointEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"E\n\x14ListCheckpointsReply\x12-\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x18.hivegym.CheckpointEntry\"I\n\x19\x44ownloadCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"[\n\x0f\x43heckpointChunk\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xc0\x04\n\x0b\x43oordinator\x12\x30\n\x04Join\x12\x14.hivegym.JoinRequest\x1a\x12.hivegym.JoinReply\x12=\n\nRenewToken\x12\x1a.hivegym.RenewTokenRequest\x1a\x13.hivegym.TokenReply\x12K\n\rSubmitReceipt\x12\x1d.hivegym.SubmitReceiptRequest\x1a\x1b.hivegym.SubmitReceiptReply\x12Q\n\x0fRegisterReducer\x12\x1f.hivegym.RegisterReducerRequest\x1a\x1d.hivegym.RegisterReducerReply\x12?\n\tEpochHash\x12\x19.hivegym.EpochHashRequest\x1a\x17.hivegym.EpochHashReply\x12\x36\n\x06Status\x12\x16.hivegym.StatusRequest\x1a\x14.hivegym.StatusReply\x12Q\n\x0fListCheckpoints\x12\x1f.hivegym.ListCheckpointsRequest\x1a\x1d.hivegym.ListCheckpointsReply\x12T\n\x12\x44ownloadCheckpoint\x12\".hivegym.DownloadCheckpointRequest\x1a\x18.hivegym.CheckpointChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,26 +45,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITRECEIPTREQUEST']._serialized_end=532
   _globals['_SUBMITRECEIPTREPLY']._serialized_start=534
   _globals['_SUBMITRECEIPTREPLY']._serialized_end=569
-  _globals['_EPOCHHASHREQUEST']._serialized_start=571
-  _globals['_EPOCHHASHREQUEST']._serialized_end=604
-  _globals['_EPOCHHASHREPLY']._serialized_start=606
-  _globals['_EPOCHHASHREPLY']._serialized_end=677
-  _globals['_STATUSREQUEST']._serialized_start=679
-  _globals['_STATUSREQUEST']._serialized_end=694
-  _globals['_STATUSREPLY']._serialized_start=697
-  _globals['_STATUSREPLY']._serialized_end=940
-  _globals['_PEERLEDGER']._serialized_start=943
-  _globals['_PEERLEDGER']._serialized_end=1155
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1157
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1181
-  _globals['_CHECKPOINTENTRY']._serialized_start=1183
-  _globals['_CHECKPOINTENTRY']._serialized_end=1237
-  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=1239
-  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=1308
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=1310
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=1383
-  _globals['_CHECKPOINTCHUNK']._serialized_start=1385
-  _globals['_CHECKPOINTCHUNK']._serialized_end=1476
-  _globals['_COORDINATOR']._serialized_start=1479
-  _globals['_COORDINATOR']._serialized_end=1972
+  _globals['_REGISTERREDUCERREQUEST']._serialized_start=571
+  _globals['_REGISTERREDUCERREQUEST']._serialized_end=654
+  _globals['_REGISTERREDUCERREPLY']._serialized_start=656
+  _globals['_REGISTERREDUCERREPLY']._serialized_end=748
+  _globals['_EPOCHHASHREQUEST']._serialized_start=750
+  _globals['_EPOCHHASHREQUEST']._serialized_end=783
+  _globals['_EPOCHHASHREPLY']._serialized_start=785
+  _globals['_EPOCHHASHREPLY']._serialized_end=856
+  _globals['_STATUSREQUEST']._serialized_start=858
+  _globals['_STATUSREQUEST']._serialized_end=873
+  _globals['_STATUSREPLY']._serialized_start=876
+  _globals['_STATUSREPLY']._serialized_end=1119
+  _globals['_PEERLEDGER']._serialized_start=1122
+  _globals['_PEERLEDGER']._serialized_end=1334
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1336
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1360
+  _globals['_CHECKPOINTENTRY']._serialized_start=1362
+  _globals['_CHECKPOINTENTRY']._serialized_end=1416
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=1418
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=1487
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=1489
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=1562
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1564
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1655
+  _globals['_COORDINATOR']._serialized_start=1658
+  _globals['_COORDINATOR']._serialized_end=2234
 # @@protoc_insertion_point(module_scope)

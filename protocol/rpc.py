@@ -34,6 +34,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "RenewToken": pb.RenewTokenRequest,
     "SubmitReceipt": pb.SubmitReceiptRequest,
     "EpochHash": pb.EpochHashRequest,
+    "RegisterReducer": pb.RegisterReducerRequest,
     "Status": pb.StatusRequest,
     "ListCheckpoints": pb.ListCheckpointsRequest,
     "DownloadCheckpoint": pb.DownloadCheckpointRequest,
@@ -43,6 +44,7 @@ REPLY_TYPES: dict[str, type[Message]] = {
     "RenewToken": pb.TokenReply,
     "SubmitReceipt": pb.SubmitReceiptReply,
     "EpochHash": pb.EpochHashReply,
+    "RegisterReducer": pb.RegisterReducerReply,
     "Status": pb.StatusReply,
     "ListCheckpoints": pb.ListCheckpointsReply,
     "DownloadCheckpoint": pb.CheckpointChunk,
@@ -78,6 +80,10 @@ def parse_request(method: str, data: bytes) -> Message:
         _check_credentials(request.credentials)
         if not LIBP2P_ID.fullmatch(request.credentials.libp2p_id):
             raise BadRequest("credentials.libp2p_id must be the peer's hivemind peer id (base58)")
+    elif isinstance(request, pb.RegisterReducerRequest):
+        _check_credentials(request.credentials)
+        if len(request.maddrs) > 16 or any(len(m) > 512 or "/p2p/" not in m for m in request.maddrs):
+            raise BadRequest("maddrs must be at most 16 multiaddrs of at most 512 characters, each with /p2p/ID")
     elif isinstance(request, pb.SubmitReceiptRequest):
         if not request.receipt:
             raise BadRequest("receipt is empty")
@@ -149,6 +155,9 @@ class CoordinatorClient:
 
     def submit_receipt(self, receipt: bytes, signature: bytes) -> pb.SubmitReceiptReply:
         return self.call("SubmitReceipt", pb.SubmitReceiptRequest(receipt=receipt, signature=signature))
+
+    def register_reducer(self, credentials: pb.Credentials, maddrs: list[str]) -> pb.RegisterReducerReply:
+        return self.call("RegisterReducer", pb.RegisterReducerRequest(credentials=credentials, maddrs=maddrs))
 
     def epoch_hash(self, epoch: int) -> pb.EpochHashReply:
         return self.call("EpochHash", pb.EpochHashRequest(epoch=epoch))

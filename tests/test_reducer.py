@@ -93,3 +93,33 @@ def test_a_peer_without_an_access_record_gets_no_state():
         server.join(10)
         if server.is_alive():
             server.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_an_extra_trusted_reducer_takes_part_in_the_rounds(tmp_path):
+    """`hivegym-launch --reducer-for` in its own process (another host, as far as hivemind can tell): it registers
+    with the coordinator's key, both trusted peers admit each other and the volunteers, and the swarm solves."""
+    import json
+
+    from procs import Proc, start_coordinator, start_peer, wait_for
+
+    coordinator, _ = start_coordinator(tmp_path, "--target-return", "475", "--max-minutes", "5", "--no-dashboard",
+                                       "--set", "distill_sizes=''")
+    join = json.loads((tmp_path / "coordinator.json").read_text())["join"]
+    extra = Proc(["hivegym.coordinator.cli", "--reducer-for", join, "--identity", str(tmp_path / "coordinator.key")],
+                 tmp_path / "reducer.log")
+    peers = []
+    try:
+        wait_for(lambda: "trusted reducer registered" in coordinator.text(), 60, "the reducer to register")
+        peers = [start_peer(tmp_path, join, f"p{i}") for i in range(2)]
+        wait_for(lambda: coordinator.popen.poll() is not None, 360, "the run to end")
+    finally:
+        for peer in peers:
+            peer.stop()
+        extra.stop()
+        coordinator.stop()
+    assert json.loads((tmp_path / "summary.json").read_text())["reached"], coordinator.text()[-2000:]
+    log = extra.text()
+    assert log.count(" epoch ") >= 3, log[-2000:]  # it stepped through rounds with the swarm
+    assert "refused averager access" not in log and "refused averager access" not in coordinator.text()
