@@ -2,7 +2,7 @@
 all-honest swarm's time to solve with audits on and off.
 
 1. In this process, with the default RunConfig (one torch thread, as peers and the audit worker use): a peer's
-   batches done the honest way (protocol.work.do_batch: collecting and computing the contribution, plus the
+   batches done the honest way (protocol.work.replay_batch: collecting and computing the contribution, plus the
    receipt's hash, sketches and signature), each its own epoch so that the policy trains along; then
    coordinator.audit.audit_receipt replaying each receipt. CPU seconds by time.process_time; the first batch and
    audit are a warm-up, not counted. The batch alone is less than a peer spends per batch (it also steps its
@@ -57,7 +57,7 @@ def in_process(receipts: int) -> list[dict]:
     from hivegym.protocol.policy import build_policy
     from hivegym.protocol.receipt import Receipt
     from hivegym.protocol.rollout import Collector
-    from hivegym.protocol.work import (batch_seeds, do_batch, flat_params, params_hash, set_flat_params_, sketch,
+    from hivegym.protocol.work import (batch_seeds, replay_batch, flat_params, params_hash, set_flat_params_, sketch,
                                        sketch_seed)
 
     torch.set_num_threads(1)
@@ -70,7 +70,7 @@ def in_process(receipts: int) -> list[dict]:
         state = {k: v.detach().clone() for k, v in policy.state_dict().items()}  # what the coordinator keeps
         seeds = batch_seeds(config.run_id, identity.public_key, epoch, 0)
         wall, cpu = time.perf_counter(), time.process_time()
-        work = do_batch(policy, config, collector, seeds)
+        work = replay_batch(policy, config, collector, seeds)
         params = flat_params(policy)
         receipt = Receipt(
             run_id=config.run_id, peer_id=identity.peer_id, epoch=epoch, batch=0, env_steps=len(work.batch),
@@ -261,7 +261,7 @@ def summarize(local: list[dict], swarm: dict | None, on: list[dict], off: list[d
                                                    else audit_rate * figures["audit_per_batch"])
     target = {"target": f"<= {SHARE_TARGET:.0%}"}
     table = [
-        {"measure": "peer: CPU s per batch (do_batch + receipt; in-process, median)",
+        {"measure": "peer: CPU s per batch (replay_batch + receipt; in-process, median)",
          "value": seconds(figures["batch_cpu_s"])},
         {"measure": "coordinator: CPU s per audit (audit_receipt; in-process, median)",
          "value": seconds(figures["audit_cpu_s"])},

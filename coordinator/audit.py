@@ -18,7 +18,7 @@ from hivegym.protocol.config import RunConfig
 from hivegym.protocol.policy import build_policy
 from hivegym.protocol.receipt import Receipt
 from hivegym.protocol.rollout import Collector
-from hivegym.protocol.work import batch_seeds, do_batch, sketch, sketch_seed
+from hivegym.protocol.work import batch_seeds, replay_batch, sketch, sketch_seed
 
 PARAMS_RTOL = 1e-3  # parameters sketch vs the epoch's: codec rounding is ~1e-5, one epoch of training ~1e-2
 MAX_DIVERGED = 0.25  # share of env streams whose actions may differ from the replay
@@ -43,7 +43,7 @@ def audit_receipt(config_json: str, public_key: bytes, receipt: Receipt, state: 
     seeds = batch_seeds(config.run_id, public_key, receipt.epoch, receipt.batch)
     collector = Collector(config.env_id, config.num_envs, seeds.envs)
     try:
-        work = do_batch(policy, config, collector, seeds)
+        work = replay_batch(policy, config, collector, seeds)
     finally:
         collector.close()
     digests = work.rollout.action_digests()

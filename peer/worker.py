@@ -12,10 +12,9 @@ import torch
 
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.policy import ActorCritic
-from hivegym.protocol.ppo import flatten
 from hivegym.protocol.rollout import Collector, evaluate
-from hivegym.protocol.work import (BatchSeeds, Work, batch_seeds, contribution, flat_params, params_hash,
-                                   set_flat_params_, sketch, sketch_seed)
+from hivegym.protocol.work import (BatchSeeds, Work, batch_seeds, collect_batch, contribution, flat_params,
+                                   params_hash, set_flat_params_, sketch, sketch_seed)
 
 StepFn = Callable[[int], "int | None"]  # one optimizer step for this many samples; the new epoch if it began one
 
@@ -84,10 +83,8 @@ def do_batch(policy: ActorCritic, epoch: Epoch, collector: Collector, seeds: Bat
     config = epoch.config
     device = epoch.params.device
     t0 = time.perf_counter()
-    rollout = collector.collect(epoch.behaviour, config.rollout_steps, config.gamma,
-                                torch.Generator().manual_seed(seeds.actions), seed=seeds.envs)
+    rollout, batch = collect_batch(epoch.behaviour, config, collector, seeds)
     t1 = time.perf_counter()
-    batch = flatten(rollout, config.gamma, config.gae_lambda)
     update = contribution(epoch.behaviour, batch, config, seeds.shuffle, device)
     t2 = time.perf_counter()
     result = BatchResult(Work(rollout, batch, update), epoch.number, epoch.next_batch, t1 - t0, t2 - t1)

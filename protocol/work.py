@@ -55,13 +55,18 @@ def params_hash(module: torch.nn.Module) -> str:
     return hashlib.sha256(flat_params(module).float().cpu().numpy().tobytes()).hexdigest()
 
 
-def do_batch(policy: ActorCritic, config: RunConfig, collector: Collector, seeds: BatchSeeds,
-             device: torch.device | None = None) -> Work:
-    """Collect the batch with `policy` (on the CPU) and compute its contribution, on `device` if given."""
+def collect_batch(policy: ActorCritic, config: RunConfig, collector: Collector, seeds: BatchSeeds
+                  ) -> tuple[Rollout, Batch]:
+    """The batch's rollout, collected with `policy` (on the CPU) from its seeds, and its GAE batch."""
     rollout = collector.collect(policy, config.rollout_steps, config.gamma,
                                 torch.Generator().manual_seed(seeds.actions), seed=seeds.envs)
-    batch = flatten(rollout, config.gamma, config.gae_lambda)
-    return Work(rollout, batch, contribution(policy, batch, config, seeds.shuffle, device))
+    return rollout, flatten(rollout, config.gamma, config.gae_lambda)
+
+
+def replay_batch(policy: ActorCritic, config: RunConfig, collector: Collector, seeds: BatchSeeds) -> Work:
+    """Collect the batch and compute its contribution: what an audit compares with a receipt."""
+    rollout, batch = collect_batch(policy, config, collector, seeds)
+    return Work(rollout, batch, contribution(policy, batch, config, seeds.shuffle))
 
 
 def contribution(policy: ActorCritic, batch: Batch, config: RunConfig, shuffle_seed: int,

@@ -15,7 +15,7 @@ from hivegym.protocol.identity import Identity
 from hivegym.protocol.policy import build_policy
 from hivegym.protocol.receipt import Receipt, join_message
 from hivegym.protocol.rollout import Collector
-from hivegym.protocol.work import batch_seeds, do_batch, flat_params, params_hash, sketch, sketch_seed
+from hivegym.protocol.work import batch_seeds, replay_batch, flat_params, params_hash, sketch, sketch_seed
 
 SMALL = RunConfig(num_envs=2, rollout_steps=16, update_epochs=2, minibatch_size=16)  # receipts in milliseconds
 
@@ -51,7 +51,7 @@ class TestServer:
         """An honest receipt of a real batch collected with the epoch-0 parameters (fields may be replaced)."""
         seeds = batch_seeds(self.config.run_id, identity.public_key, epoch, batch)
         collector = Collector(self.config.env_id, self.config.num_envs, seeds.envs)
-        work = do_batch(self.policy, self.config, collector, seeds)
+        work = replay_batch(self.policy, self.config, collector, seeds)
         collector.close()
         dim, seed = self.config.sketch_dim, sketch_seed(self.config.run_id)
         receipt = Receipt(run_id=self.config.run_id, peer_id=identity.peer_id, epoch=epoch, batch=batch,

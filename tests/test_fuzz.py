@@ -304,6 +304,14 @@ def submit_requests(draw, swarm: Swarm) -> pb.SubmitReceiptRequest:
     return pb.SubmitReceiptRequest(receipt=data, signature=signature)
 
 
+@st.composite
+def register_requests(draw, swarm: Swarm) -> pb.RegisterReducerRequest:
+    """Mostly credentials of a peer key (refused: only the coordinator's key registers), with arbitrary maddrs."""
+    maddr = st.one_of(st.just(f"/ip4/127.0.0.1/tcp/1/p2p/{LIBP2P_ID}"), st.text(max_size=600))
+    return pb.RegisterReducerRequest(credentials=draw(credentials(swarm, "reducer")),
+                                     maddrs=draw(st.lists(maddr, max_size=20)))
+
+
 def download_requests(swarm: Swarm) -> st.SearchStrategy:
     return st.builds(pb.DownloadCheckpointRequest,
                      name=st.one_of(st.just(swarm.package), st.just("CartPole-v1-teacher"), st.text(max_size=90)),
@@ -316,6 +324,7 @@ def messages(method: str, swarm: Swarm) -> st.SearchStrategy:
         "Join": lambda: join_requests(swarm),
         "RenewToken": lambda: renew_requests(swarm),
         "SubmitReceipt": lambda: submit_requests(swarm),
+        "RegisterReducer": lambda: register_requests(swarm),
         "EpochHash": lambda: st.builds(pb.EpochHashRequest, epoch=st.one_of(st.integers(0, 3),
                                                                             st.integers(0, 2**64 - 1))),
         "Status": lambda: st.just(pb.StatusRequest()),
@@ -331,6 +340,9 @@ def valid_bytes(method: str, swarm: Swarm) -> bytes:
                 "RenewToken": pb.RenewTokenRequest(peer_name="known-1", credentials=swarm.server.credentials(
                     swarm.known, "known-1", LIBP2P_ID)),
                 "SubmitReceipt": pb.SubmitReceiptRequest(receipt=pack(swarm.honest), signature=b"s" * 64),
+                "RegisterReducer": pb.RegisterReducerRequest(
+                    credentials=swarm.server.credentials(swarm.known, "reducer", LIBP2P_ID),
+                    maddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{LIBP2P_ID}"]),
                 "EpochHash": pb.EpochHashRequest(epoch=0), "Status": pb.StatusRequest(),
                 "ListCheckpoints": pb.ListCheckpointsRequest(),
                 "DownloadCheckpoint": pb.DownloadCheckpointRequest(name=swarm.package, offset=10)}

@@ -166,6 +166,23 @@ def test_renew_before_join_is_failed_precondition(coord):
     assert coord.peers() == 0 and coord.published == []
 
 
+def test_only_the_coordinators_key_registers_a_reducer(coord):
+    def register(identity: Identity, maddr: str) -> pb.RegisterReducerReply:
+        request = pb.RegisterReducerRequest(credentials=coord.credentials(identity, "reducer", LIBP2P_ID),
+                                            maddrs=[maddr])
+        return pb.RegisterReducerReply.FromString(coord.raw("RegisterReducer", request.SerializeToString()))
+
+    maddr = f"/ip4/10.0.0.2/tcp/31338/p2p/{LIBP2P_ID}"
+    refused(Code.PERMISSION_DENIED, register, Identity.generate(), maddr, words="coordinator's own key")
+    assert coord.published == [] and maddr not in coord.state.bootstrap_maddrs
+    reply = register(coord.identity, maddr)
+    assert list(reply.bootstrap_maddrs) == MADDRS and reply.run_config_json == SMALL.to_json()
+    assert [kind for kind, _ in coord.published] == ["access"] and coord.published[0][1][0] == LIBP2P_ID
+    assert coord.state.bootstrap_maddrs == [*MADDRS, maddr]  # later volunteers follow it too
+    no_id = pb.RegisterReducerRequest(credentials=coord.credentials(coord.identity, "reducer"), maddrs=["/ip4/x"])
+    refused(INVALID, coord.raw, "RegisterReducer", no_id.SerializeToString(), words="/p2p/")
+
+
 def test_status_sums_receipts_and_live_peers(coord):
     status = coord.status()
     assert (status.live_peers, status.env_steps, status.has_eval, list(status.peers)) == (0, 0, False, [])
