@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,10 @@ class LaunchOptions:
     """Port of the dashboard (None: 8080, or any free port if 8080 is taken; 0: any free port)."""
 
 
+def start_auditor() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=nice_worker)
+
+
 def nice_worker() -> None:
     import os
 
@@ -87,7 +92,7 @@ class Launch:
         evaluator = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         evaluator.submit(warm_up)
         # audits replay batches in their own process, niced: they must never hold up the trusted peer or gRPC
-        self.auditor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=nice_worker)
+        self.auditor = start_auditor()
         trusted = server = state = dashboard = None
         try:
             trusted = TrustedPeer(self.config, self.options.host_maddrs or None, self.options.announce_maddrs or None)
@@ -174,7 +179,12 @@ class Launch:
                 self.verifier.add_epoch(kept_epoch, trusted.snapshot(), params_hash(trusted.state.behaviour))
             for sent in trusted.sent_sketches():  # the round that ended the epoch before this one
                 self.verifier.add_sent(trusted.epoch - 1, sent)
-            self.verifier.pump(self.auditor)
+            try:
+                self.verifier.pump(self.auditor)
+            except BrokenProcessPool:
+                logger.error("the audit worker died; starting another")
+                self.auditor.shutdown(wait=False, cancel_futures=True)
+                self.auditor = start_auditor()
             if self.stop.is_set():
                 return True
             if time.monotonic() > deadline:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 SCHEMA = """
@@ -22,7 +23,8 @@ CREATE TABLE IF NOT EXISTS peers (
     joined REAL NOT NULL,
     strikes INTEGER NOT NULL DEFAULT 0,
     banned INTEGER NOT NULL DEFAULT 0,
-    ban_reason TEXT NOT NULL DEFAULT ''
+    ban_reason TEXT NOT NULL DEFAULT '',
+    banned_at REAL                 -- unix seconds
 );
 CREATE TABLE IF NOT EXISTS receipts (
     peer_id TEXT NOT NULL REFERENCES peers(peer_id),
@@ -115,7 +117,8 @@ class Ledger:
 
     def ban(self, peer_id: str, reason: str) -> None:
         with self.lock:
-            self.db.execute("UPDATE peers SET banned = 1, ban_reason = ? WHERE peer_id = ?", (reason, peer_id))
+            self.db.execute("UPDATE peers SET banned = 1, ban_reason = ?, banned_at = ? WHERE peer_id = ?",
+                            (reason, time.time(), peer_id))
 
     def banned_libp2p_ids(self) -> list[str]:
         with self.lock:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable
 
@@ -289,6 +290,10 @@ class Verifier:
             self.running.remove((future, job))
             try:
                 passed, detail = future.result()
+            except BrokenProcessPool:
+                with self.lock:
+                    self.queue.appendleft(job)  # audited again by the next pool
+                continue
             except Exception as e:  # a crashed replay is our fault, not the peer's: no strike
                 logger.error("audit of %s epoch %d batch %d crashed: %r", job.peer_id, job.receipt.epoch,
                              job.receipt.batch, e)
@@ -304,9 +309,15 @@ class Verifier:
                 continue
             with self.lock:
                 state = self.history.get(epoch)
-            if state is not None:
-                self.running.append((pool.submit(audit_receipt, self.config.to_json(), job.public_key, job.receipt,
-                                                 state), job))
+            if state is None:
+                continue
+            try:
+                future = pool.submit(audit_receipt, self.config.to_json(), job.public_key, job.receipt, state)
+            except BrokenProcessPool:  # the worker died (memory, a signal): the caller starts a new pool
+                with self.lock:
+                    self.queue.appendleft(job)
+                raise
+            self.running.append((future, job))
 
     def _matching_epoch(self, r: Receipt, sketches: dict[int, list[float]]) -> tuple[int | None, tuple[str, str]]:
         """The kept epoch whose parameters the receipt's sketch names, or None and the verdict without a replay:
