@@ -71,7 +71,7 @@ def test_honest_peers_pass_every_audit(tmp_path):
     behind on two cores still happen."""
     settings = ["audit_rate=1.0", "audit_rate_new=1.0", "num_envs=4", "rollout_steps=32", "minibatch_size=64",
                 "update_epochs=4", "target_batch_size=12288", "params_history=1000"]
-    coordinator, _ = start_coordinator(tmp_path, "--max-minutes", "3.5", "--no-dashboard",
+    coordinator, _ = start_coordinator(tmp_path, "--max-minutes", "3", "--no-dashboard",
                                        *[a for s in settings for a in ("--set", s)])
     join = json.loads((tmp_path / "coordinator.json").read_text())["join"]
     peers = [start_peer(tmp_path, join, f"honest-{i}") for i in range(3)]

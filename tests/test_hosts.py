@@ -94,7 +94,7 @@ def test_swarm_across_three_hosts(tmp_path):
             rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
             assert summary["epoch"] >= 4 and max(row["peers"] for row in rows) == 2
             for name, peer in zip(commands, peers):
-                assert f"peer {name} joined" in coordinator.text()
+                assert f"peer {name} (" in coordinator.text()  # "peer NAME (PEER ID) joined (DEVICE)"
                 assert f"bootstrap {lab.addresses[0]}:31337 reachable" in peer.text(), peer.text()[-2000:]
         finally:
             for p in peers:
