@@ -23,8 +23,12 @@ from hivegym.protocol.work import batch_seeds, replay_batch, sketch, sketch_seed
 PARAMS_RTOL = 1e-3  # parameters sketch vs the epoch's: codec rounding is ~1e-5, one epoch of training ~1e-2
 MAX_DIVERGED = 0.25  # share of env streams whose actions may differ from the replay
 RETURN_RTOL = 1e-4
-UPDATE_RTOL = 0.5  # contribution sketch: honest replays from rounded parameters were off by up to 0.41 (Adam eps 1e-8,
-# before eps 1e-5); a scaled (x -10) contribution is off by ~11, a random one by ~1.4
+# The contribution's sketch against the replay's: honest replays from rounded parameters were off by up to 0.76
+# (relative; late in a long run, when updates are small and Adam's normalisation amplifies rounding), so the check is
+# on direction and size: a random contribution points elsewhere (cosine ~0), a scaled one (x -10) backwards or too
+# long, a zero one (a peer that computes nothing) too short
+MIN_COSINE = 0.5
+NORM_RATIO = (0.5, 2.0)
 
 
 def sketch_distance(a: list[float], b: list[float]) -> float:
@@ -60,7 +64,18 @@ def audit_receipt(config_json: str, public_key: bytes, receipt: Receipt, state: 
                                                 for a, b in zip(claimed, replayed)):
             return False, f"episode returns of env stream {i} are {claimed[:4]}, the replay gives {replayed[:4]}"
     update = sketch(work.update, config.sketch_dim, sketch_seed(config.run_id))
-    error = sketch_distance(receipt.update_sketch, update) if len(receipt.update_sketch) == len(update) else math.inf
-    if error > UPDATE_RTOL:
-        return False, f"the contribution's sketch is off by {error:.2g} (relative) from the replay's"
-    return True, f"{len(matched)}/{len(digests)} streams match, sketch off by {error:.2g}"
+    if len(receipt.update_sketch) != len(update):
+        return False, "update_sketch has the wrong length"
+    cosine, ratio = _cosine_and_ratio(receipt.update_sketch, update)
+    if cosine < MIN_COSINE or not NORM_RATIO[0] <= ratio <= NORM_RATIO[1]:
+        return False, (f"the contribution's sketch is not the replay's (cosine {cosine:.2g}, length ratio "
+                       f"{ratio:.2g})")
+    return True, f"{len(matched)}/{len(digests)} streams match, sketch cosine {cosine:.3g}, length ratio {ratio:.3g}"
+
+
+def _cosine_and_ratio(claimed: list[float], replayed: list[float]) -> tuple[float, float]:
+    """Cosine of the angle between two sketches and |claimed| / |replayed| (overflow-safe)."""
+    a, b = math.hypot(*claimed), math.hypot(*replayed)
+    if not (math.isfinite(a) and a > 0 and b > 0):
+        return -1.0, math.inf if a > 0 else 0.0
+    return sum((x / a) * (y / b) for x, y in zip(claimed, replayed)), a / b
