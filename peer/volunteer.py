@@ -205,23 +205,39 @@ class Session:
 
 
 def load_verified_state(opt, policy: torch.nn.Module, session: Session, attempts: int = 3) -> None:
-    """Download the swarm's state and check it against the hash the coordinator signed for that epoch."""
+    """Download the swarm's state and check it against the hash the coordinator signed for that epoch. hivemind
+    labels a downloaded state one epoch ahead when it is catching up, so the epoch before counts too."""
     for _ in range(attempts):
         opt.load_state_from_peers()
-        epoch = opt.local_epoch
+        mine = params_hash(policy)
+        for epoch in (opt.local_epoch, opt.local_epoch - 1):
+            if epoch >= 0 and signed_hash(session, epoch) == mine:
+                logger.info("loaded the swarm's state at epoch %d (hash checked)", epoch)
+                return
+        logger.warning("the state downloaded at epoch %d matches no hash the coordinator signed; retrying",
+                       opt.local_epoch)
+        time.sleep(1.0)
+    raise JoinFailed("could not download a swarm state that matches the coordinator's signed hash")
+
+
+def signed_hash(session: Session, epoch: int, wait_s: float = 5.0) -> str | None:
+    """The coordinator's signed hash of an epoch's parameters; it may record the newest epoch a moment after a
+    peer can download it, so NOT_FOUND is retried for wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
             reply = session.client.epoch_hash(epoch)
         except grpc.RpcError as e:
-            logger.warning("cannot get the coordinator's hash of epoch %d: %s", epoch, describe_error(e))
-            continue
-        signed = verify(session.coordinator_key, epoch_hash_message(session.config.run_id, epoch, reply.params_hash),
-                        reply.signature)
-        if signed and reply.params_hash == params_hash(policy):
-            logger.info("loaded the swarm's state at epoch %d (hash checked)", epoch)
-            return
-        logger.warning("the state downloaded at epoch %d does not match the coordinator's signed hash; retrying",
-                       epoch)
-    raise JoinFailed("could not download a swarm state that matches the coordinator's signed hash")
+            if e.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            logger.debug("no hash of epoch %d from the coordinator: %s", epoch, describe_error(e))
+            return None
+        message = epoch_hash_message(session.config.run_id, epoch, reply.params_hash)
+        if verify(session.coordinator_key, message, reply.signature):
+            return reply.params_hash
+        logger.warning("the coordinator's hash of epoch %d carries a bad signature", epoch)
+        return None
 
 
 def make_receipt(session: Session, result: BatchResult, epoch: Epoch, wall_s: float) -> Receipt:
