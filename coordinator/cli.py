@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="exit non-zero if the target is not reached within M minutes")
     parser.add_argument("--reducer-for", metavar="HOST:PORT#KEY", default=None,
                         help="run as an extra trusted reducer of that coordinator (on another host); needs the "
-                             "coordinator's own key as --identity, and --host-maddrs/--announce-maddrs that peers reach")
+                             "coordinator's own key as --identity, and --host-maddrs/--announce-maddrs that peers "
+                             "reach")
     parser.add_argument("--leaderboard", metavar="HOST:PORT", default=None,
                         help="print the ledger of a running coordinator (per peer: steps claimed and verified, "
                              "audits, credits, device-hours, bans) and exit")

@@ -24,7 +24,6 @@ from hivegym.distill.package import summary as checkpoint_summary
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.identity import Identity, encode_key, format_join
 from hivegym.protocol.shutdown import kill_descendants, stop_on_signals
-from hivegym.protocol.work import params_hash
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_DEADLINE_S = 8.0  # after a stop signal; the local peers alone get 4 s to stop
@@ -98,7 +97,7 @@ class Launch:
             trusted = TrustedPeer(self.config, self.options.host_maddrs or None, self.options.announce_maddrs or None)
             maddrs = trusted.maddrs()
             self.verifier = Verifier(self.config, self.options.identity, self.ledger, trusted.allow, trusted.ban)
-            self.verifier.add_epoch(trusted.epoch, trusted.snapshot(), params_hash(trusted.state.behaviour))
+            self.verifier.add_epoch(trusted.epoch, trusted.snapshot(), trusted.state.hash)
             state = SwarmState(self.config.to_json(), maddrs, checkpoints_dir=self.options.run_dir / "checkpoints",
                                ledger=self.ledger, owner_tag=trusted.tag)
             server, port = start_server(state, self.verifier, self.options.host, self.options.port)
@@ -176,7 +175,7 @@ class Launch:
                 trusted.allow(trusted.dht.peer_id.to_base58(), allowed_until)
             if trusted.epoch != kept_epoch:  # parameters of every epoch, for audits and late joiners' checks
                 kept_epoch = trusted.epoch
-                self.verifier.add_epoch(kept_epoch, trusted.snapshot(), params_hash(trusted.state.behaviour))
+                self.verifier.add_epoch(kept_epoch, trusted.snapshot(), trusted.state.hash)
             for sent in trusted.sent_sketches():  # the round that ended the epoch before this one
                 self.verifier.add_sent(trusted.epoch - 1, sent)
             try:

@@ -129,7 +129,8 @@ class Ledger:
         query = """
             SELECT p.peer_id, p.name, p.device, p.banned,
                    COALESCE(SUM(r.env_steps), 0),
-                   COALESCE(SUM(CASE WHEN r.audit IS NULL OR r.audit IN ('passed', 'pending', 'skipped') THEN r.env_steps END), 0),
+                   COALESCE(SUM(CASE WHEN r.audit IS NULL OR r.audit IN ('passed', 'pending', 'skipped')
+                                THEN r.env_steps END), 0),
                    COALESCE(SUM(CASE WHEN r.audit = 'passed' THEN r.env_steps END), 0),
                    COUNT(CASE WHEN r.audit = 'passed' THEN 1 END),
                    COUNT(CASE WHEN r.audit = 'failed' THEN 1 END),

@@ -42,7 +42,8 @@ def run_reducer(address: str, identity: Identity, host_maddrs: list[str], announ
 
         register()
         peer.catch_up()
-        logger.info("trusted reducer %s running at epoch %d: %s", session.libp2p_id, peer.epoch, " ".join(peer.maddrs()))
+        logger.info("trusted reducer %s running at epoch %d: %s", session.libp2p_id, peer.epoch,
+                    " ".join(peer.maddrs()))
         stop = threading.Event()
         stop_on_signals(stop, SHUTDOWN_DEADLINE_S)
         deadline = time.monotonic() + max_minutes * 60 if max_minutes else float("inf")

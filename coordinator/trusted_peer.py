@@ -6,6 +6,7 @@ client volunteers would never learn the swarm's epoch, and step(batch_size=0) di
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import queue
@@ -30,7 +31,7 @@ BAN_RECORD_S = 7 * 24 * 3600.0
 
 
 class TrustedPeer:
-    """A full hivemind peer whose averagers reduce robustly and serve only peers with access (coordinator/reducer.py)."""
+    """A full hivemind peer whose averagers reduce robustly and serve only peers with access (reducer.py)."""
 
     def __init__(self, config: RunConfig, host_maddrs: list[str] | None = None,
                  announce_maddrs: list[str] | None = None, initial_peers: list[str] = (),
@@ -48,7 +49,7 @@ class TrustedPeer:
                                    announce_maddrs=announce_maddrs,
                                    record_validators=reducer.validators(config.run_id, self.tag))
         self.opt = swarm.make_optimizer(self.dht, self.policy, config, client_mode=False)
-        self.local_config = _with_envs(config, TRUSTED_NUM_ENVS)
+        self.local_config = dataclasses.replace(config, num_envs=TRUSTED_NUM_ENVS)
         self.collector = Collector(config.env_id, TRUSTED_NUM_ENVS, 0)
         self.state = Epoch(self.policy, self.opt.local_epoch, self.local_config)
         self.progress = Progress()
@@ -108,12 +109,6 @@ class TrustedPeer:
         self.collector.close()
         self.sent.cancel_join_thread()
         swarm.shutdown(self.opt, self.dht)
-
-
-def _with_envs(config: RunConfig, num_envs: int) -> RunConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, num_envs=num_envs)
 
 
 def warm_up() -> None:

@@ -89,8 +89,9 @@ class Verifier:
         """The caller's peer id if it proved its key with a fresh, unused timestamp; raises Refused."""
         now = time.time()
         if abs(now - credentials.timestamp) > CLOCK_SKEW_S:
-            raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"credentials timestamp is {now - credentials.timestamp:+.0f}"
-                          f" s from the coordinator's clock (limit {CLOCK_SKEW_S:.0f} s); check this machine's clock")
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "credentials timestamp is "
+                          f"{now - credentials.timestamp:+.0f} s from the coordinator's clock (limit "
+                          f"{CLOCK_SKEW_S:.0f} s); check this machine's clock")
         message = join_message(self.identity.public_key, peer_name, credentials.libp2p_id, credentials.timestamp)
         if not verify(credentials.public_key, message, credentials.signature):
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "credentials signature does not verify with public_key")

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from hivegym.peer.volunteer import JoinFailed, VolunteerOptions, run
 
     options = VolunteerOptions(coordinator=target.address, coordinator_key=target.public_key,
-                               identity=args.identity or default_identity(), name=args.name or default_name(), device=args.device,
+                               identity=args.identity or default_identity(), name=args.name or default_name(),
+                               device=args.device,
                                client_mode=args.client_mode, max_minutes=args.max_minutes,
                                live_status=sys.stderr.isatty(), save_params=args.save_params,
                                host_maddrs=tuple(args.host_maddrs), announce_maddrs=tuple(args.announce_maddrs),

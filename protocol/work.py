@@ -27,7 +27,8 @@ class BatchSeeds:
 def batch_seeds(run_id: str, public_key: bytes, epoch: int, batch_index: int) -> BatchSeeds:
     """Public seeds of a batch: anyone who knows the peer's key can recompute them, and the peer cannot choose them."""
     parts = (run_id, public_key.hex(), epoch, batch_index)
-    return BatchSeeds(derive_seed(*parts, "envs") % 2**31, derive_seed(*parts, "actions"), derive_seed(*parts, "shuffle"))
+    return BatchSeeds(derive_seed(*parts, "envs") % 2**31, derive_seed(*parts, "actions"),
+                      derive_seed(*parts, "shuffle"))
 
 
 @dataclass

@@ -43,7 +43,8 @@ def test_only_the_coordinator_writes_its_records():
                        expiration_time=expires)  # another tag and the wrong value type
         # what a trusted averager reads: the coordinator's record, untouched, and no ban at all
         access = coordinator.get("run_access", latest=True)
-        assert list(access.value) == [reducer.subkey(peer, tag)] and access.value[reducer.subkey(peer, tag)].value == expires
+        mine = reducer.subkey(peer, tag)
+        assert list(access.value) == [mine] and access.value[mine].value == expires
         assert coordinator.get("run_bans", latest=True) is None
     finally:
         attacker.shutdown()

@@ -18,7 +18,7 @@ import torch
 
 from hivegym.peer import cli, volunteer, worker
 from hivegym.protocol.identity import Identity
-from hivegym.protocol.receipt import Receipt
+from hivegym.protocol.receipt import RECEIPT_PREFIX, Receipt
 from hivegym.protocol.work import BatchSeeds
 
 logger = logging.getLogger("hivegym.adversary")
@@ -94,7 +94,7 @@ def install(cheat: str) -> None:
         volunteer.Session.submit = twice
     if cheat == "forged_signature":
         other = Identity.generate()
-        volunteer.Receipt.sign = lambda self, identity: (self.encode(), other.sign(b"hivegym receipt v1\n" + self.encode()))
+        volunteer.Receipt.sign = lambda self, identity: (self.encode(), other.sign(RECEIPT_PREFIX + self.encode()))
     if cheat == "no_token":
         volunteer.Session.renew = lambda self: logger.warning("not binding a token to its hivemind id")
     if cheat == "expired_token":
