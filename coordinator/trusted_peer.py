@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 import torch
+from hivemind.optim.state_averager import TrainingStateAverager
 
 from hivegym.coordinator import reducer
 from hivegym.peer import swarm
@@ -45,6 +46,7 @@ class TrustedPeer:
         self.sent = multiprocessing.get_context("fork").Queue()
         spec = (config.sketch_dim, sketch_seed(config.run_id), parameter_count(self.policy))
         reducer.install(config.run_id, self.tag, spec if config.sync_mode == "local" else None, self.sent)  # pre-fork
+        serve_epoch_states()
         self.dht = swarm.start_dht(list(initial_peers), client_mode=False, host_maddrs=host_maddrs,
                                    announce_maddrs=announce_maddrs,
                                    record_validators=reducer.validators(config.run_id, self.tag))
@@ -52,6 +54,7 @@ class TrustedPeer:
         self.local_config = dataclasses.replace(config, num_envs=TRUSTED_NUM_ENVS)
         self.collector = Collector(config.env_id, TRUSTED_NUM_ENVS, 0)
         self.state = Epoch(self.policy, self.opt.local_epoch, self.local_config)
+        serve_epoch_state(self.opt, self.state)
         self.progress = Progress()
         self.started = time.monotonic()
 
@@ -62,6 +65,7 @@ class TrustedPeer:
         if self.opt.tracker.global_epoch > 0:
             self.opt.load_state_from_peers()
         self.state = Epoch(self.policy, self.opt.local_epoch, self.local_config)
+        serve_epoch_state(self.opt, self.state)
 
     @property
     def epoch(self) -> int:
@@ -74,8 +78,11 @@ class TrustedPeer:
         """One small batch and its optimizer step (which may join an averaging round), then after_step();
         returns what after_step returns (True: the run is over)."""
         seeds = batch_seeds(self.config.run_id, b"coordinator", self.state.number, self.state.next_batch)
+        epoch = self.state
         _, self.state = do_batch(self.policy, self.state, self.collector, seeds, self.progress,
                                  lambda samples: swarm.step(self.opt, samples))
+        if self.state is not epoch:
+            serve_epoch_state(self.opt, self.state)
         done = after_step()
         time.sleep(TRUSTED_PAUSE_S)
         return done
@@ -109,6 +116,32 @@ class TrustedPeer:
         self.collector.close()
         self.sent.cancel_join_thread()
         swarm.shutdown(self.opt, self.dht)
+
+
+def serve_epoch_states() -> None:
+    """Make state averagers created after this serve what serve_epoch_state set (hivemind binds the method when
+    an averager is created). The live tensors hold this peer's own contribution while it steps (seconds, when
+    the step waits for a round), and hivemind reads the epoch label apart from the tensors: a late joiner could
+    otherwise get a state that matches no hash the coordinator signed."""
+    if hasattr(TrainingStateAverager, "_hivegym_live_state"):
+        return
+    TrainingStateAverager._hivegym_live_state = TrainingStateAverager.get_current_state
+
+    def get_current_state(self):
+        metadata, tensors, infos = self._hivegym_live_state()
+        served = getattr(self, "hivegym_served", None)
+        if served is not None:
+            metadata["epoch"], params = served
+            tensors = list(params) + list(tensors[len(params):])
+        return metadata, tensors, infos
+
+    TrainingStateAverager.get_current_state = get_current_state
+
+
+def serve_epoch_state(opt, epoch: Epoch) -> None:
+    """From now on, downloaders get the parameters this epoch began with, labelled with its number."""
+    params = tuple(p.detach().cpu().clone() for p in epoch.behaviour.parameters())
+    opt.state_averager.hivegym_served = (epoch.number, params)
 
 
 def warm_up() -> None:

@@ -205,15 +205,14 @@ class Session:
 
 
 def load_verified_state(opt, policy: torch.nn.Module, session: Session, attempts: int = 3) -> None:
-    """Download the swarm's state and check it against the hash the coordinator signed for that epoch. hivemind
-    labels a downloaded state one epoch ahead when it is catching up, so the epoch before counts too."""
+    """Download the swarm's state and check it against the hash the coordinator signed for its epoch. Trusted
+    peers serve each epoch's starting parameters under its number; hivemind relabels a download one epoch
+    ahead while a round is ending (catching up), so a mismatch is retried."""
     for _ in range(attempts):
         opt.load_state_from_peers()
-        mine = params_hash(policy)
-        for epoch in (opt.local_epoch, opt.local_epoch - 1):
-            if epoch >= 0 and signed_hash(session, epoch) == mine:
-                logger.info("loaded the swarm's state at epoch %d (hash checked)", epoch)
-                return
+        if signed_hash(session, opt.local_epoch) == params_hash(policy):
+            logger.info("loaded the swarm's state at epoch %d (hash checked)", opt.local_epoch)
+            return
         logger.warning("the state downloaded at epoch %d matches no hash the coordinator signed; retrying",
                        opt.local_epoch)
         time.sleep(1.0)

@@ -85,6 +85,12 @@ def test_late_joiner_starts_from_swarm_state(tmp_path):
         assert start_epoch >= 5, f"late peer started at epoch {start_epoch}"
         initial = build_policy(RunConfig().env_id, 64, 2, 0).state_dict()
         assert max_difference(snapshots[start_epoch], initial) > 0.05, "late peer started from scratch"
+        # every download, whenever it lands in the trusted peer's step, matches the hash signed for its epoch
+        downloads = Proc(["tests.downloads", "20", "--coordinator", address, "--name", "dl", "--identity",
+                          str(tmp_path / "dl.key")], tmp_path / "dl.log")
+        out, _ = downloads.popen.communicate(timeout=180)
+        assert json.loads(out.decode().strip().splitlines()[-1]) == {"downloads": 20, "matched": 20}, \
+            downloads.text()[-3000:]
     finally:
         if late is not None:
             late.stop()
