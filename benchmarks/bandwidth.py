@@ -36,8 +36,9 @@ MODE_OVERRIDES = {"local": [], "grad": ["target_batch_size=1024"]}  # as in swar
 LIMITS_MBIT = [None, 100, 20, 5]
 
 
-def tx_bytes(lab: netns.Lab, host: int) -> int:
-    out = subprocess.run([*lab.prefix(host), "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
+def link_bytes(lab: netns.Lab, host: int, direction: str = "tx") -> int:
+    """Bytes a host has sent ("tx") or received ("rx") on its link."""
+    out = subprocess.run([*lab.prefix(host), "cat", f"/sys/class/net/eth0/statistics/{direction}_bytes"],
                          capture_output=True, text=True, check=True, timeout=10).stdout
     return int(out)
 
@@ -80,7 +81,7 @@ def run_once(lab: netns.Lab, mode: str, codec: str, seed: int, max_minutes: floa
                "--max-minutes", str(max_minutes), "--no-dashboard", "--log-level", "WARNING"]
     for item in overrides:
         command += ["--set", item]
-    before = [tx_bytes(lab, h) for h in range(3)]
+    before = [link_bytes(lab, h) for h in range(3)]
     coordinator = start(lab, 0, command, run_dir / "coordinator.log")
     peers: list[subprocess.Popen] = []
     try:
@@ -96,7 +97,7 @@ def run_once(lab: netns.Lab, mode: str, codec: str, seed: int, max_minutes: floa
     finally:
         for process in (*peers, coordinator):
             stop(process)
-    sent = [tx_bytes(lab, h) - b for h, b in zip(range(3), before)]
+    sent = [link_bytes(lab, h) - b for h, b in zip(range(3), before)]
     summary = json.loads((run_dir / "summary.json").read_text())
     first = summary["first_report_s"] or 0.0
     row = {"reached": summary["reached"], "train_wall_s": round(summary["wall_s"] - first, 2),
@@ -121,7 +122,7 @@ def steady_marks(lab: netns.Lab, coordinator: subprocess.Popen, metrics: Path, t
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         epoch = json.loads(lines[-1])["epoch"] if lines else 0
         if epoch >= 1 and (not marks or epoch > marks[-1][0]):
-            mark = (epoch, [tx_bytes(lab, h) for h in range(3)])
+            mark = (epoch, [link_bytes(lab, h) for h in range(3)])
             marks = [marks[0], mark] if marks else [mark]
         time.sleep(0.25)
     return marks

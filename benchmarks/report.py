@@ -96,9 +96,18 @@ def adversaries(data: dict) -> list[str]:
     return lines
 
 
+def reducer_bandwidth(data: dict) -> list[str]:
+    rows = [r for r in data["table"] if "volunteers" in r]
+    if not rows:
+        return [f"- not measured: {data.get('skipped')}"]
+    return [f"- {r['volunteers']} volunteer(s), {r['extra_reducers']} extra reducer(s): the coordinator moves "
+            f"{r['coordinator_kB_per_step_per_volunteer']} kB per global step per volunteer (no target; recorded)"
+            for r in rows]
+
+
 TARGETS = {"swarm_vs_single": swarm_vs_single, "vs_sb3": vs_sb3, "env_speed": env_speed, "bandwidth": bandwidth,
            "footprint": footprint, "distill": distill, "adversaries": adversaries,
-           "audit_cost": footprint}  # audit_cost's rows carry their target and verdict like footprint's
+           "audit_cost": footprint, "reducer_bandwidth": reducer_bandwidth}  # audit_cost's rows carry their target and verdict like footprint's
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -32,6 +32,7 @@ MODES = {
     "distill": {"full": [], "quick": ["--quick"], "smoke": ["--quick", "--envs", "CartPole-v1"]},
     "adversaries": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
     "audit_cost": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
+    "reducer_bandwidth": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
 }
 
 
