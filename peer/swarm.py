@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from hivemind.compression import (CompressionBase, Float16Compression, NoCompression, SizeAdaptiveCompression,
                                   quantization, serialization)
-from hivemind.averaging import matchmaking
+from hivemind.averaging import key_manager, matchmaking
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.p2p import P2P
@@ -127,6 +127,28 @@ def follow_only(leaders: set[str]) -> None:
     matchmaking.Matchmaking._request_join_group = request_join_group
 
 
+LEADER_POLL_S = 0.1  # at most one DHT request for leaders per this many seconds, per averager
+
+
+def throttle_leader_search() -> None:
+    """hivemind's matchmaking asks the DHT for leaders again as soon as its queue runs empty, ~100 times a second
+    per waiting averager here: the DHT, not the tensors, was most of every peer's traffic, and more so with each
+    extra DHT server (an extra reducer multiplied the coordinator's bytes per step by 9). Call before the
+    averagers fork."""
+    manager = key_manager.GroupKeyManager
+    request = manager.__dict__.get("_hivegym_original") or manager.get_averagers
+
+    async def get_averagers(self, group_key, only_active):
+        wait = getattr(self, "_hivegym_asked", 0.0) + LEADER_POLL_S - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._hivegym_asked = time.monotonic()
+        return await request(self, group_key, only_active)
+
+    manager._hivegym_original = request
+    manager.get_averagers = get_averagers
+
+
 def peer_ids(maddrs: list[str]) -> set[str]:
     """The hivemind peer ids in multiaddrs (their /p2p/ part)."""
     return {m.rsplit("/p2p/", 1)[1].split("/")[0] for m in maddrs if "/p2p/" in m}
@@ -138,6 +160,7 @@ def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig
     hivemind 1.1.12 ignores the Optimizer's flag unless the DHT is a client too."""
     # request_timeout must stay below matchmaking_time, or matchmaking can deadlock (hivemind's note)
     request_timeout = config.matchmaking_time / 2
+    throttle_leader_search()
     # local mode: each batch's PPO update is computed by peer/worker.py (it must be replayable for audits), so
     # hivemind's own local step is a no-op and hivemind only counts samples and averages parameters
     inner = partial(torch.optim.SGD, lr=0.0) if config.sync_mode == "local" else partial(torch.optim.Adam,
