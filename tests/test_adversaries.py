@@ -33,7 +33,7 @@ BANNED = {"fabricated_returns", "random_gradients", "scaled_gradients", "own_see
 def test_cheaters_are_caught_and_the_swarm_still_solves(group, tmp_path):
     coordinator, address = start_coordinator(
         tmp_path, "--target-return", "475", "--max-minutes", "6", "--no-dashboard",
-        "--set", "audit_rate_new=1.0", "--set", "token_ttl=20.0")
+        "--set", "audit_rate_new=1.0", "--set", "token_ttl=10.0")
     join = json.loads((tmp_path / "coordinator.json").read_text())["join"]
     peers = {"honest": start_peer(tmp_path, join, "honest")}
     peers.update({cheat: start_peer(tmp_path, join, cheat, cheat=cheat) for cheat in GROUPS[group]})

@@ -33,7 +33,8 @@ CHEATS = {
     "forged_signature": "signs its receipts with a key that is not its own: refused as unauthenticated",
     "no_token": "never binds a token to its hivemind id: trusted averagers refuse it",
     "expired_token": "never renews its token: its receipts and its averaging are refused once it expires",
-    "banned_keeps_running": "fabricates returns and goes on after its ban: receipts, renewal and averaging refused",
+    "banned_keeps_running": "fabricates returns and goes on after its ban, reloading the swarm's state: receipts, "
+                            "renewal, state and averaging refused",
     "sends_other": "hands in honest receipts but sends its contribution times -10 into the rounds: the reducer's "
                    "sketch of what it sent contradicts its receipts",
 }
@@ -56,7 +57,7 @@ def install(cheat: str) -> None:
                 return submit(self, receipt)
             except volunteer.JoinFailed as e:  # banned: an honest peer stops here
                 logger.warning("ignoring: %s", e)
-                return None, False
+                return None, True  # and asks for the swarm's state, which the trusted peers refuse it
 
         volunteer.Session.submit = keep_submitting
     if cheat in ("random_gradients", "scaled_gradients"):
