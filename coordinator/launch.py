@@ -181,6 +181,8 @@ class Launch:
             try:
                 self.verifier.pump(self.auditor)
             except BrokenProcessPool:
+                if self.stop.is_set():  # the stop signal reached the worker too: a new one would outlive this run
+                    return True
                 logger.error("the audit worker died; starting another")
                 self.auditor.shutdown(wait=False, cancel_futures=True)
                 self.auditor = start_auditor()

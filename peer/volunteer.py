@@ -273,7 +273,7 @@ def train(options: VolunteerOptions, config: RunConfig, session: Session, opt, p
             logger.info("contributed a first gradient")
         if new_epoch is not None and options.save_params:  # right after a global step
             snapshots[new_epoch] = _cpu_copy(policy)
-            for old in sorted(snapshots)[1:-3]:  # keep the start and the last three
+            for old in sorted(snapshots)[1:-8]:  # keep the start and the last eight
                 del snapshots[old]
             _save_atomically(snapshots, options.save_params)  # a peer killed later still leaves its file
         return new_epoch
