@@ -59,6 +59,15 @@ def start(lab: netns.Lab, host: int, args: list[str], log: Path) -> subprocess.P
                             stderr=open(log, "wb"), stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def join_string(run_dir: Path, coordinator: subprocess.Popen, timeout: float = 90.0) -> str:
+    """The join string the coordinator writes to run_dir/coordinator.json once it serves."""
+    info = run_dir / "coordinator.json"
+    deadline = time.monotonic() + timeout
+    while not info.exists() and coordinator.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return json.loads(info.read_text())["join"]
+
+
 def stop(process: subprocess.Popen) -> None:
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
@@ -85,11 +94,7 @@ def run_once(lab: netns.Lab, mode: str, codec: str, seed: int, max_minutes: floa
     coordinator = start(lab, 0, command, run_dir / "coordinator.log")
     peers: list[subprocess.Popen] = []
     try:
-        info = run_dir / "coordinator.json"
-        deadline = time.monotonic() + 90
-        while not info.exists() and coordinator.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        join = json.loads(info.read_text())["join"]
+        join = join_string(run_dir, coordinator)
         peers = [start(lab, h, ["hivegym.peer.cli", "--coordinator", join, "--name", f"peer-{h}",
                                     "--identity", str(run_dir / f"peer-{h}.key")],
                      run_dir / f"peer-{h}.log") for h in (1, 2)]

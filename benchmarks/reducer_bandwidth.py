@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bandwidth import link_bytes, start, stop
+from bandwidth import join_string, link_bytes, start, stop
 from benchmarks_common import machine, print_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -48,11 +48,7 @@ def run_once(lab: netns.Lab, volunteers: int, extra_reducers: int, seconds: floa
     others = []
     marks: list[tuple[int, list[int]]] = []
     try:
-        info = run_dir / "coordinator.json"
-        deadline = time.monotonic() + 90
-        while not info.exists() and coordinator.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        join = json.loads(info.read_text())["join"]
+        join = join_string(run_dir, coordinator)
         if extra_reducers:
             reducer_address = lab.addresses[REDUCER]
             others.append(start(lab, REDUCER, [
