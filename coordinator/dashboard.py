@@ -157,7 +157,8 @@ class Dashboard:
 
 
 def peer_row(pid: str, peer: PeerRecord, now: float, ledger_row: dict[str, Any]) -> dict[str, Any]:
-    """mean_return is null where it overflowed: a receipt's returns are each finite, their mean need not be."""
+    """mean_return is null until an episode ends, and where it overflowed: a receipt's returns are each finite, their
+    mean need not be."""
     row = {"name": peer.name, "peer_id": pid, "device": peer.device, "live": now - peer.last_seen <= LIVE_WINDOW_S,
            "last_seen_s": round(now - peer.last_seen, 1), "joined_s": round(now - peer.joined, 1),
            "epoch": peer.epoch, "env_steps": peer.env_steps, "samples": peer.samples,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent import futures
@@ -36,7 +37,7 @@ class PeerRecord:
     epoch: int = 0
     env_steps: int = 0
     samples: int = 0
-    mean_return: float = 0.0
+    mean_return: float = math.nan  # over the episodes that ended in its last receipt that had any
     samples_per_second: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # cumulative seconds per phase, from its receipts
 

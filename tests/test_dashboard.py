@@ -52,12 +52,14 @@ def swarm(tmp_path):
     (tmp_path / "coordinator").mkdir()
     server = TestServer(tmp_path / "coordinator", maddrs=["/ip4/127.0.0.1/tcp/1/p2p/x"])
     client = CoordinatorClient(server.address, timeout=5, retries=1)
-    server.peers = {}
+    server.peers, server.sent_returns = {}, {}
     for name, batches in (("alice", 3), ("bob", 1)):
         identity = server.peers[name] = Identity.generate()
         client.join(name, "cpu", server.credentials(identity, name))
         for batch in range(batches):
-            client.submit_receipt(*server.receipt(identity, batch=batch).sign(identity))
+            receipt = server.receipt(identity, batch=batch)
+            client.submit_receipt(*receipt.sign(identity))
+            server.sent_returns.setdefault(name, []).append([r for per_env in receipt.returns for r in per_env])
     with server.state.lock:
         server.state.epoch = 7
     dashboard = Dashboard(server.state, tmp_path, "127.0.0.1", 0, {"run_id": "test-run", "target_return": 475.0})
@@ -85,7 +87,10 @@ def test_status_reports_swarm_peers_and_history(swarm, tmp_path):
     alice = s["peers"][0]
     assert (alice["env_steps"], alice["samples"], alice["live"]) == (3 * STEPS, 3 * STEPS * SMALL.update_epochs,
                                                                      True)
-    assert math.isfinite(alice["mean_return"]) and alice["mean_return"] > 0  # CartPole: every episode returns > 0
+    # the mean over the episodes that ended in alice's last receipt that had any (null if none ended: 16 steps)
+    ended = [returns for returns in swarm.server_under_test.sent_returns["alice"] if returns]
+    expected = sum(ended[-1]) / len(ended[-1]) if ended else None
+    assert alice["mean_return"] == pytest.approx(expected) and (expected is None or expected > 0)
     # the verification fields come from the ledger: nothing audited yet
     assert {k: alice[k] for k in VERIFICATION_FIELDS} == {"audits_passed": 0, "audits_failed": 0, "credits": 0,
                                                           "banned": False}
