@@ -20,6 +20,8 @@ joining is in each run's receipts_from_join_until_caught). receipts_to_evidence 
 up to the one whose failed audit was the strikes_to_ban-th (the rest is the audit queue's latency); s_to_catch the
 seconds from the cheat's start (its hivemind id in its log) to the catch. A run in which the cheater was never caught
 counts as infinitely many receipts in the median. Target: every cheat caught within 60 receipts.
+honest_false_alarms counts what went against the honest peers (failed audits, round-check strikes, bans, refused
+averager access); each run's honest_alarms says what each was.
 
     python benchmarks/adversaries.py            # 5 runs of every cheat
     python benchmarks/adversaries.py --quick    # 2 runs of 5 cheats (one per way of being caught)
@@ -101,6 +103,23 @@ def key_peer_id(path: Path) -> str | None:
         return Identity.load(path).peer_id
     except (OSError, ValueError):  # not written yet
         return None
+
+
+def honest_alarms(ledger: Path, libp2p: dict[str, str | None], averager_refused: dict[str, list[float]]) -> list[str]:
+    """What went against the honest peers, one line each: failed audits (with the verifier's detail), round-check
+    strikes (strikes beyond the failed audits), a ban (with its reason), refused averager access."""
+    alarms = []
+    for name, hivemind_id in libp2p.items():
+        for peer_id, strikes, banned, reason in ledger_query(
+                ledger, "SELECT peer_id, strikes, banned, ban_reason FROM peers WHERE name = ?", (name,)):
+            failed = ledger_query(ledger, "SELECT epoch, batch, audit_detail FROM receipts WHERE peer_id = ? AND "
+                                          "audit = 'failed'", (peer_id,))
+            alarms += [f"{name}: audit of epoch {e} batch {b} failed: {detail}" for e, b, detail in failed]
+            alarms += [f"{name}: round-check strike"] * max(strikes - len(failed), 0)
+            alarms += [f"{name}: banned: {reason}"] if banned else []
+        refused = averager_refused.get(hivemind_id, []) if hivemind_id else []
+        alarms += [f"{name}: averager access refused {len(refused)} time(s)"] if refused else []
+    return alarms
 
 
 def cheat_began(cheat: str, bound: float, token_ttl: float) -> float:
@@ -212,10 +231,9 @@ def run_once(cheat: str | None, target: float, max_minutes: float, strikes_to_ba
             first_report = 0.0  # solved before any peer's first receipt (a tiny target): like a run that stops there
         row["train_wall_s"] = round(row["total_wall_s"] - first_report, 2)
 
-    ledger_rows = {r["peer_name"]: r for r in summary.get("ledger", [])}
-    honest = [ledger_rows.get(n, {}) for n in ("honest-0", "honest-1")]
-    row["honest_false_alarms"] = (sum(bool(r.get("banned")) + r.get("audits_failed", 0) for r in honest)
-                                  + sum(libp2p.get(n) in averager_refused for n in ("honest-0", "honest-1")))
+    row["honest_alarms"] = honest_alarms(ledger, {n: libp2p.get(n) for n in ("honest-0", "honest-1")},
+                                         averager_refused)
+    row["honest_false_alarms"] = len(row["honest_alarms"])
     if not cheat:
         return row
 
@@ -348,6 +366,8 @@ def main() -> None:
             print(f"  round {round_} {name}: reached={row['reached']} train_wall={row['train_wall_s']} "
                   f"caught_by={row.get('caught_by')} receipts_until_caught={row.get('receipts_until_caught')} "
                   f"({time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
+            for alarm in row.get("honest_alarms", []):
+                print(f"    honest false alarm: {alarm}", file=sys.stderr, flush=True)
 
     table, targets = summarize(results)
     print_table(table)

@@ -68,7 +68,10 @@ def nice_worker() -> None:
 
     import torch
 
-    os.nice(10)
+    try:  # run only on CPU time nothing else wants: training comes first; the queue may lag params_history epochs
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux
+        os.nice(19)
     torch.set_num_threads(1)
 
 
@@ -90,7 +93,7 @@ class Launch:
         # evaluation runs in its own process: the trusted peer must keep stepping, or a round goes without it
         evaluator = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         evaluator.submit(warm_up)
-        # audits replay batches in their own process, niced: they must never hold up the trusted peer or gRPC
+        # audits replay batches in their own process at idle priority: they must never hold up the trusted peer or gRPC
         self.auditor = start_auditor()
         trusted = server = state = dashboard = None
         try:
