@@ -59,11 +59,18 @@ class PendingAudit:
 
 def sent_error(sent: list[float], receipts: list[Receipt]) -> float:
     """|sketch(sent) - (params sketch + mean contribution sketch)|, less the codec's share, relative to the mean
-    contribution's sketch: small for an honest peer, 4.7-11 here for one that sends its contribution times -10."""
+    contribution's sketch: small for an honest peer, 4.7-11 here for one that sends its contribution times -10.
+    The receipts share their parameters; the smallest error over the means of their last k batches counts, since a
+    peer that reloaded the swarm's state (or failed to) starts its mean afresh."""
     params = receipts[0].params_sketch
-    mean = [sum(values) / len(receipts) for values in zip(*(r.update_sketch for r in receipts))]
-    error = math.hypot(*(s - p - m for s, p, m in zip(sent, params, mean)))
-    return max(0.0, error - CODEC_RTOL * math.hypot(*params)) / max(math.hypot(*mean), 1e-12)
+    receipts = sorted(receipts, key=lambda r: r.batch)
+    errors = []
+    for first in range(len(receipts)):
+        tail = receipts[first:]
+        mean = [sum(values) / len(tail) for values in zip(*(r.update_sketch for r in tail))]
+        error = math.hypot(*(s - p - m for s, p, m in zip(sent, params, mean)))
+        errors.append(max(0.0, error - CODEC_RTOL * math.hypot(*params)) / max(math.hypot(*mean), 1e-12))
+    return min(errors)
 
 
 class Verifier:
@@ -82,6 +89,7 @@ class Verifier:
         self.queue: deque[PendingAudit] = deque(maxlen=MAX_QUEUED_AUDITS)
         self.running: list[tuple[Future, PendingAudit]] = []
         self.sent: deque[tuple[float, int, dict[str, list[float]]]] = deque(maxlen=MAX_QUEUED_AUDITS)
+        self.drifted: dict[str, set[int]] = {}  # peer id -> labels of its receipts refused as off the swarm's params
         self.epoch = 0
 
     # ---- access -------------------------------------------------------------------------------------------
@@ -215,6 +223,8 @@ class Verifier:
         if distances[nearest] <= PARAMS_RTOL:
             raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"the batch was collected with the parameters of epoch "
                           f"{nearest}, not of epoch {r.epoch}")
+        with self.lock:
+            self.drifted.setdefault(r.peer_id, set()).add(r.epoch)
         raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"the parameters of this batch match no epoch of the "
                       f"swarm near {r.epoch} (a failed averaging round?): reload the swarm's state")
 
@@ -245,6 +255,8 @@ class Verifier:
             self.history[epoch], self.hashes[epoch], self.sketches[epoch] = state, params_hash, params_sketch
             for old in [e for e in self.history if e < epoch - self.config.params_history - 1]:
                 del self.history[old], self.hashes[old], self.sketches[old]
+            for labels in self.drifted.values():
+                labels.difference_update([e for e in labels if e < epoch - self.config.params_history - 1])
 
     def set_epoch(self, epoch: int) -> None:
         with self.lock:
@@ -274,11 +286,17 @@ class Verifier:
                 pid = self.ledger.peer_by_libp2p_id(libp2p_id)
                 if pid is None:  # the coordinator's own peer
                     continue
-                by_label: dict[int, list[Receipt]] = {}
+                with self.lock:
+                    drifted = self.drifted.get(pid, set()) & {epoch - 1, epoch, epoch + 1}
+                if drifted:  # it sent from parameters whose receipts were refused: nothing to compare with
+                    logger.debug("peer %s: round %d not checked (receipts of epoch %s were off the swarm's "
+                                 "parameters)", pid, epoch, sorted(drifted))
+                    continue
+                groups: dict[tuple[int, tuple[float, ...]], list[Receipt]] = {}  # (label, params) -> receipts
                 for data in self.ledger.receipts(pid, epoch - 1, epoch + 1):
                     receipt = decode_receipt(data)
-                    by_label.setdefault(receipt.epoch, []).append(receipt)
-                errors = [sent_error(sent_sketch, receipts) for receipts in by_label.values()]
+                    groups.setdefault((receipt.epoch, tuple(receipt.params_sketch)), []).append(receipt)
+                errors = [sent_error(sent_sketch, receipts) for receipts in groups.values()]
                 if errors and min(errors) > SENT_RTOL:
                     self._strike(pid, f"what it sent into the round that ended epoch {epoch} is not what its "
                                       f"receipts say (off by {min(errors):.2g} of its contribution)")

@@ -286,6 +286,7 @@ def train(options: VolunteerOptions, config: RunConfig, session: Session, opt, p
             coordinator_epoch, drifted = session.submit(make_receipt(session, result, epoch, now - start))
             used[epoch.number] = epoch.next_batch
             epoch = next_epoch
+            epoch.next_batch = max(epoch.next_batch, used.get(epoch.number, 0))  # back in an epoch after a reload
             ok = coordinator_epoch is not None
             ahead = ahead + 1 if ok and opt.local_epoch > coordinator_epoch else 0
             # ahead for AHEAD_REPORTS receipts: it ended epochs without the reducer (a failed round) and its
