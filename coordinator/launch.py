@@ -59,19 +59,20 @@ class LaunchOptions:
     """Port of the dashboard (None: 8080, or any free port if 8080 is taken; 0: any free port)."""
 
 
-def start_auditor() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=nice_worker)
+def start_auditor(idle: bool) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=lower_priority,
+                               initargs=(idle,))
 
 
-def nice_worker() -> None:
+def lower_priority(idle: bool) -> None:
     import os
 
     import torch
 
-    try:  # run only on CPU time nothing else wants: training comes first; the queue may lag params_history epochs
+    if idle and hasattr(os, "SCHED_IDLE"):  # Linux: only CPU time that nothing else wants
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux
-        os.nice(19)
+    else:
+        os.nice(10)
     torch.set_num_threads(1)
 
 
@@ -93,8 +94,8 @@ class Launch:
         # evaluation runs in its own process: the trusted peer must keep stepping, or a round goes without it
         evaluator = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         evaluator.submit(warm_up)
-        # audits replay batches in their own process at idle priority: they must never hold up the trusted peer or gRPC
-        self.auditor = start_auditor()
+        # audits replay batches in their own process at low priority: they must never hold up the trusted peer or gRPC
+        self.auditor = start_auditor(self.config.audit_idle)
         trusted = server = state = dashboard = None
         try:
             trusted = TrustedPeer(self.config, self.options.host_maddrs or None, self.options.announce_maddrs or None)
@@ -116,7 +117,7 @@ class Launch:
             logger.info("trusted peer listening on %s", " ".join(maddrs))
             logger.info("gRPC server on %s:%d; join with:\n    hivegym-join --coordinator %s",
                         self.options.host, port, join)
-            request_stop = stop_on_signals(self.stop, SHUTDOWN_DEADLINE_S, self.kill_peers)
+            request_stop = stop_on_signals(self.stop, SHUTDOWN_DEADLINE_S, lambda: self.forced_exit(trusted, state))
             if self.options.max_minutes:  # the loop ends the run at the deadline; this is for a loop stuck in hivemind
                 backstop = threading.Timer(self.options.max_minutes * 60 + self.config.averaging_timeout + 30,
                                            request_stop)
@@ -149,9 +150,12 @@ class Launch:
         self.ledger.close()
         return result
 
-    def kill_peers(self) -> None:
+    def forced_exit(self, trusted: TrustedPeer, state: SwarmState) -> None:
+        """A shutdown past its deadline: the local peers are killed, and summary.json is still written."""
         for peer in self.peers:
             peer.signal(signal.SIGKILL)
+        self.ended = self.ended or time.monotonic()
+        self.summary(trusted, state)
 
     def start_dashboard(self, state: SwarmState) -> Dashboard:
         info = {"run_id": self.config.run_id, "env_id": self.config.env_id,
@@ -188,7 +192,7 @@ class Launch:
                     return True
                 logger.error("the audit worker died; starting another")
                 self.auditor.shutdown(wait=False, cancel_futures=True)
-                self.auditor = start_auditor()
+                self.auditor = start_auditor(self.config.audit_idle)
             if self.stop.is_set():
                 return True
             if time.monotonic() > deadline:

@@ -88,6 +88,10 @@ class RunConfig:
     """Share of receipts the coordinator replays."""
     audit_rate_new: float = 0.5
     """Share replayed of a peer's first new_peer_receipts receipts, and after a failed audit."""
+    audit_idle: bool = True
+    """Run the coordinator's audits only on CPU time nothing else wants (Linux SCHED_IDLE), so they never slow its
+    trusted peer; they wait while the machine is saturated (past params_history epochs they are skipped). False:
+    nice 10, for a coordinator that shares its cores with busy local peers."""
     new_peer_receipts: int = 10
     """Receipts a peer counts as new for (audited at audit_rate_new)."""
     strikes_to_ban: int = 2

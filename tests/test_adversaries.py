@@ -1,11 +1,13 @@
 """Cheating peers (tests/adversaries/peer.py) in real swarms: each is caught, the honest peer is not, and the swarm
-still solves CartPole-v1. Audits sample every receipt of a new peer here (audit_rate_new = 1) so that a run is short;
+still solves CartPole-v1. Audits sample every receipt of a new peer here (audit_rate_new = 1) and run niced, not
+idle (audit_idle = false: five local peers saturate the cores), so that a run is short;
 benchmarks/adversaries.py measures how fast each cheat is caught at the default rates."""
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 
 import pytest
 
@@ -27,25 +29,37 @@ BANNED = {"fabricated_returns", "random_gradients", "scaled_gradients", "own_see
           "banned_keeps_running", "sends_other"}
 
 
+def solved(run_dir, target: float = 475.0) -> bool:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return any((row["eval_return"] or 0.0) >= target for row in rows)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("group", GROUPS)
 def test_cheaters_are_caught_and_the_swarm_still_solves(group, tmp_path):
+    """The run goes on past the solve until every cheat to be banned is (five peers beside the coordinator on two
+    cores leave the audits little CPU, so bans may come after the solve)."""
     coordinator, address = start_coordinator(
-        tmp_path, "--target-return", "475", "--max-minutes", "6", "--no-dashboard",
-        "--set", "audit_rate_new=1.0", "--set", "token_ttl=10.0")
+        tmp_path, "--max-minutes", "6", "--no-dashboard",
+        "--set", "audit_rate_new=1.0", "--set", "audit_idle=false", "--set", "token_ttl=10.0")
     join = json.loads((tmp_path / "coordinator.json").read_text())["join"]
     peers = {"honest": start_peer(tmp_path, join, "honest")}
     peers.update({cheat: start_peer(tmp_path, join, cheat, cheat=cheat) for cheat in GROUPS[group]})
+    to_ban = [cheat for cheat in GROUPS[group] if cheat in BANNED]
     try:
-        wait_for(lambda: coordinator.popen.poll() is not None, 480, "the run to end")
+        wait_for(lambda: coordinator.popen.poll() is not None or (
+            solved(tmp_path) and all(f"({cheat}) is banned" in coordinator.text() for cheat in to_ban)),
+            480, "the swarm to solve and the cheaters to be banned")
     finally:
         for peer in peers.values():
             peer.stop()
+        coordinator.popen.send_signal(signal.SIGTERM)  # its handler ends the run and writes summary.json
+        wait_for(lambda: coordinator.popen.poll() is not None, 60, "the coordinator to stop")
         coordinator.stop()
     summary = json.loads((tmp_path / "summary.json").read_text())
     log = coordinator.text()
-    assert summary["reached"], log[-3000:]
+    assert solved(tmp_path), log[-3000:]
     ledger = {row["peer_id"]: row for row in summary["ledger"]}
     honest = ledger[Identity.load(tmp_path / "honest.key").peer_id]
     assert not honest["banned"] and honest["audits_failed"] == 0 and honest["audits_passed"] > 0, honest
@@ -69,8 +83,8 @@ def test_honest_peers_pass_every_audit(tmp_path):
     """Three honest peers, every receipt audited: not one false positive over at least 500 audits. Batches are
     small here (4 envs x 32 steps, 4 passes) and every epoch's parameters are kept, so that audits that fall
     behind on two cores still happen."""
-    settings = ["audit_rate=1.0", "audit_rate_new=1.0", "num_envs=4", "rollout_steps=32", "minibatch_size=64",
-                "update_epochs=4", "target_batch_size=12288", "params_history=1000"]
+    settings = ["audit_rate=1.0", "audit_rate_new=1.0", "audit_idle=false", "num_envs=4", "rollout_steps=32",
+                "minibatch_size=64", "update_epochs=4", "target_batch_size=12288", "params_history=1000"]
     coordinator, _ = start_coordinator(tmp_path, "--max-minutes", "3", "--no-dashboard",
                                        *[a for s in settings for a in ("--set", s)])
     join = json.loads((tmp_path / "coordinator.json").read_text())["join"]
@@ -86,4 +100,5 @@ def test_honest_peers_pass_every_audit(tmp_path):
     assert len(rows) == 3
     assert sum(row["audits_failed"] for row in rows) == 0, (rows, coordinator.text()[-3000:])
     assert not any(row["banned"] for row in rows)
+    assert ": strike " not in coordinator.text(), coordinator.text()[-3000:]  # nor a round-check strike
     assert sum(row["audits_passed"] for row in rows) >= 500, rows
