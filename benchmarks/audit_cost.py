@@ -98,10 +98,12 @@ def in_process(receipts: int) -> list[dict]:
 
 # ---- 2. a real swarm, CPU from /proc --------------------------------------------------------------------------
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+SCHED_IDLE = 5  # the scheduling policy number in /proc/PID/stat (os.SCHED_IDLE on Linux)
 
 
 def processes() -> dict[int, tuple[int, int, float]]:
-    """pid -> (parent pid, nice, CPU seconds used: user + system) of every process readable in /proc."""
+    """pid -> (parent pid, priority rank: nice, or 40 for SCHED_IDLE, below every nice value; CPU seconds used:
+    user + system) of every process readable in /proc."""
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -111,7 +113,8 @@ def processes() -> dict[int, tuple[int, int, float]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state) of proc(5)
-        table[int(entry)] = (int(fields[1]), int(fields[16]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+        rank = 40 if int(fields[38]) == SCHED_IDLE else int(fields[16])  # fields 41 (policy) and 19 (nice)
+        table[int(entry)] = (int(fields[1]), rank, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
     return table
 
 
@@ -124,9 +127,9 @@ def cmdline(pid: int) -> str:
 
 class CpuMeter:
     """CPU seconds of a process tree by part: 'peers' (hivegym-join and its children), 'auditor' (the audit
-    worker: the coordinator's child that runs niced), 'coordinator' (the rest: trusted peer, its hivemind processes,
+    worker: the coordinator's child that runs at a lower priority), 'coordinator' (the rest: trusted peer, its hivemind processes,
     evaluation, gRPC). Parts are decided again at every sample: a child is seen between fork and exec with its
-    parent's command line, and the audit worker renices itself once it has started."""
+    parent's command line, and the audit worker lowers its priority once it has started."""
 
     def __init__(self, root: int):
         self.root = root
