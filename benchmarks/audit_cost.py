@@ -127,8 +127,8 @@ def cmdline(pid: int) -> str:
 
 class CpuMeter:
     """CPU seconds of a process tree by part: 'peers' (hivegym-join and its children), 'auditor' (the audit
-    worker: the coordinator's child that runs at a lower priority), 'coordinator' (the rest: trusted peer, its hivemind processes,
-    evaluation, gRPC). Parts are decided again at every sample: a child is seen between fork and exec with its
+    worker: the coordinator's child that runs at a lower priority), 'coordinator' (the rest: trusted peer, its
+    hivemind processes, evaluation, gRPC). Parts are decided again at every sample: a child is seen between fork and exec with its
     parent's command line, and the audit worker lowers its priority once it has started."""
 
     def __init__(self, root: int):

@@ -94,7 +94,7 @@ class Launch:
         # evaluation runs in its own process: the trusted peer must keep stepping, or a round goes without it
         evaluator = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         evaluator.submit(warm_up)
-        # audits replay batches in their own process at low priority: they must never hold up the trusted peer or gRPC
+        # audits replay batches in their own low-priority process: they must never hold up the trusted peer or gRPC
         self.auditor = start_auditor(self.config.audit_idle)
         trusted = server = state = dashboard = None
         try:
