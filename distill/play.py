@@ -1,5 +1,5 @@
-"""hivegym-play: run a pulled checkpoint in its environment (no hivemind, no coordinator). Heavy modules load
-after argparse.
+"""hivegym-play's parts: run a pulled checkpoint in its environment (no hivemind, no coordinator); the command
+is in cli.py. Heavy modules load after argparse.
 
     hivegym-play policies/CartPole-v1-tiny.json --episodes 20 --record tiny.gif
 """
@@ -7,9 +7,7 @@ after argparse.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from pathlib import Path
 
 
@@ -113,31 +111,22 @@ def record(actor, env_id: str, seed: int, path: Path) -> int:
     return len(images)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        import numpy as np
-        import torch
+def play(args: argparse.Namespace) -> dict:
+    """Run the package's episodes (and record a GIF); returns what hivegym-play prints. Raises PlayError."""
+    import numpy as np
+    import torch
 
-        torch.set_num_threads(1)
-        from hivegym.protocol.rollout import evaluate
+    torch.set_num_threads(1)
+    from hivegym.protocol.rollout import evaluate
 
-        manifest, actor = load(args.path, args.key)
-        check_env(manifest, actor)
-        returns = evaluate(actor, manifest["env_id"], args.episodes, args.seed)
-        result = {"name": manifest["name"], "env_id": manifest["env_id"], "params": manifest["params"],
-                  "episodes": args.episodes, "seed": args.seed, "mean": float(np.mean(returns)),
-                  "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
-                  "signature": "verified" if args.key else "not checked (no --key)"}
-        if args.record is not None:
-            result["recorded"] = {"file": str(args.record), "frames": record(actor, manifest["env_id"], args.seed,
-                                                                              args.record)}
-    except PlayError as e:
-        print(f"hivegym-play: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    manifest, actor = load(args.path, args.key)
+    check_env(manifest, actor)
+    returns = evaluate(actor, manifest["env_id"], args.episodes, args.seed)
+    result = {"name": manifest["name"], "env_id": manifest["env_id"], "params": manifest["params"],
+              "episodes": args.episodes, "seed": args.seed, "mean": float(np.mean(returns)),
+              "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
+              "signature": "verified" if args.key else "not checked (no --key)"}
+    if args.record is not None:
+        result["recorded"] = {"file": str(args.record), "frames": record(actor, manifest["env_id"], args.seed,
+                                                                          args.record)}
+    return result

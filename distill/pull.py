@@ -1,4 +1,4 @@
-"""hivegym-pull: list and download a coordinator's signed checkpoints. Heavy modules load after argparse.
+"""hivegym-pull's parts: list and download a coordinator's signed checkpoints (the command is in cli.py).
 
     hivegym-pull --coordinator HOST:PORT#KEY --list
     hivegym-pull --coordinator HOST:PORT#KEY --size tiny -o policies/
@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -83,21 +82,6 @@ def choose(entries: list[tuple[dict | None, str]], args: argparse.Namespace) -> 
     return found[0]
 
 
-class Progress:
-    """One line on stderr, redrawn in place on a terminal."""
-
-    def __init__(self, name: str, total: int):
-        self.name, self.total, self.tty, self.last = name, total, sys.stderr.isatty(), 0.0
-
-    def update(self, done: int, final: bool = False) -> None:
-        if not (final or self.tty and time.monotonic() - self.last > 0.1):
-            return
-        self.last = time.monotonic()
-        filled = int(30 * done / max(self.total, 1))
-        print(f"\r{self.name} [{'#' * filled}{'.' * (30 - filled)}] {100 * done / max(self.total, 1):5.1f}% "
-              f"{done / 1024:.1f}/{self.total / 1024:.1f} KiB", end="\n" if final else "", file=sys.stderr, flush=True)
-
-
 def download(client, manifest: dict, part: Path, retries: int, on_progress=lambda done, final=False: None) -> bytes:
     """Stream the weights into `part`, resuming from its size after a failure; returns the manifest bytes the
     coordinator sent with them (verified by the caller, with the file). on_progress(bytes so far, final)."""
@@ -138,13 +122,10 @@ def download(client, manifest: dict, part: Path, retries: int, on_progress=lambd
     return manifest_bytes or b""
 
 
-def pull(args: argparse.Namespace) -> int:
-    import grpc
-
-    from hivegym.protocol.checkpoint import (CheckpointError, parse_manifest, save_pulled, verify_signature,
-                                             verify_weights)
-    from hivegym.protocol.identity import IdentityError, parse_join, peer_id
-    from hivegym.protocol.rpc import CoordinatorClient, describe_error
+def connect(args: argparse.Namespace):
+    """(the coordinator's public key, a client) from the join string; raises PullError."""
+    from hivegym.protocol.identity import IdentityError, parse_join
+    from hivegym.protocol.rpc import CoordinatorClient
 
     try:
         target = parse_join(args.coordinator)
@@ -153,53 +134,39 @@ def pull(args: argparse.Namespace) -> int:
     if target.public_key is None:
         raise PullError("the coordinator's key is missing: use the join string HOST:PORT#KEY that hivegym-launch "
                         "prints (or the 'join' of its coordinator.json)")
-    client = CoordinatorClient(target.address, args.timeout, args.retries)
+    return target.public_key, CoordinatorClient(target.address, args.timeout, args.retries)
+
+
+def list_entries(client, public_key: bytes) -> list[tuple[dict | None, str]]:
+    import grpc
+
+    from hivegym.protocol.rpc import describe_error
+
     try:
-        try:
-            entries = verified_entries(client.list_checkpoints(), target.public_key)
-        except grpc.RpcError as e:
-            raise PullError(f"cannot list the checkpoints of {target.address}: {describe_error(e)}") from None
-        if args.list:
-            for _, error in entries:
-                if error:
-                    print(f"hivegym-pull: not listed: {error}", file=sys.stderr)
-            good = [m for m, _ in entries if m is not None]
-            print(table(good) if good else "no signed checkpoints yet")
-            return 0
-        chosen = choose(entries, args)
-        args.output.mkdir(parents=True, exist_ok=True)
-        part = args.output / f".{chosen['name']}.pt.part"
-        part.unlink(missing_ok=True)
-        try:
-            bar = Progress(chosen["name"], chosen["weights"]["bytes"])
-            sent = download(client, chosen, part, args.retries, bar.update)
-            manifest = parse_manifest(sent)
-            verify_signature(manifest, target.public_key)
-            if manifest["name"] != chosen["name"]:
-                raise CheckpointError(f"asked for {chosen['name']!r}, got a manifest for {manifest['name']!r}")
-            verify_weights(manifest, part)
-            saved = save_pulled(args.output, sent, part)
-        except CheckpointError as e:
-            raise PullError(f"refused {chosen['name']!r}: {e}; nothing was saved") from None
-        finally:
-            part.unlink(missing_ok=True)
-        print(f"saved {saved} and {saved.with_suffix('.pt')} (sha256 and signature of coordinator "
-              f"{peer_id(target.public_key)} verified)")
-        return 0
+        return verified_entries(client.list_checkpoints(), public_key)
+    except grpc.RpcError as e:
+        raise PullError(f"cannot list the checkpoints of {client.address}: {describe_error(e)}") from None
+
+
+def fetch(client, chosen: dict, public_key: bytes, output: Path, retries: int,
+          on_progress=lambda done, final=False: None) -> Path:
+    """Download a listed checkpoint into `output`, verify hash and signature, save it; returns the manifest's
+    path. Raises PullError, leaving nothing behind."""
+    from hivegym.protocol.checkpoint import (CheckpointError, parse_manifest, save_pulled, verify_signature,
+                                             verify_weights)
+
+    output.mkdir(parents=True, exist_ok=True)
+    part = output / f".{chosen['name']}.pt.part"
+    part.unlink(missing_ok=True)
+    try:
+        sent = download(client, chosen, part, retries, on_progress)
+        manifest = parse_manifest(sent)
+        verify_signature(manifest, public_key)
+        if manifest["name"] != chosen["name"]:
+            raise CheckpointError(f"asked for {chosen['name']!r}, got a manifest for {manifest['name']!r}")
+        verify_weights(manifest, part)
+        return save_pulled(output, sent, part)
+    except CheckpointError as e:
+        raise PullError(f"refused {chosen['name']!r}: {e}; nothing was saved") from None
     finally:
-        client.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return pull(args)
-    except PullError as e:
-        print(f"hivegym-pull: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        part.unlink(missing_ok=True)

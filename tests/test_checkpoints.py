@@ -83,7 +83,7 @@ def served(tmp_path):
 
 
 def run(module: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"hivegym.distill.{module}", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hivegym.distill.cli", module, *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -274,9 +274,9 @@ def test_pull_needs_the_key_in_the_join_string(served):
 def test_help_is_instant(module, prog):
     code = f"""
 import sys
-from hivegym.distill.{module} import parse_args
+from hivegym.distill.cli import {module}_main
 try:
-    parse_args(["--help"])
+    {module}_main(["--help"])
 except SystemExit as e:
     assert e.code == 0, e.code
 heavy = sorted(m for m in ("torch", "hivemind", "gymnasium", "grpc", "numpy", "cryptography") if m in sys.modules)

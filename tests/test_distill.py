@@ -107,13 +107,13 @@ def test_launch_publishes_checkpoints_that_pull_and_play(tmp_path):
         assert info["join"] == f"{address}#{info['public_key']}"
         assert (run_dir / "coordinator.key").stat().st_mode & 0o777 == 0o600
         wait_for(lambda: (run_dir / "checkpoints" / "CartPole-v1-tiny.json").exists(), 240, "a distilled checkpoint")
-        pulled = subprocess.run([sys.executable, "-m", "hivegym.distill.pull", "--coordinator", info["join"],
+        pulled = subprocess.run([sys.executable, "-m", "hivegym.distill.cli", "pull", "--coordinator", info["join"],
                                  "--size", "tiny", "-o", str(tmp_path / "out")], capture_output=True, text=True,
                                 timeout=60)
         assert pulled.returncode == 0, pulled.stderr
     finally:
         coordinator.stop()
-    played = subprocess.run([sys.executable, "-m", "hivegym.distill.play", str(tmp_path / "out" / "CartPole-v1-tiny"),
+    played = subprocess.run([sys.executable, "-m", "hivegym.distill.cli", "play", str(tmp_path / "out" / "CartPole-v1-tiny"),
                              "--episodes", "3", "--key", info["join"]], capture_output=True, text=True, timeout=60)
     assert played.returncode == 0, played.stderr
     assert json.loads(played.stdout)["signature"] == "verified"
