@@ -85,9 +85,11 @@ class Ledger:
                 raise Duplicate(f"a receipt for epoch {epoch} batch {batch} of peer {peer_id} was already accepted"
                                 ) from None
 
-    def receipt_count(self, peer_id: str) -> int:
+    def receipt_counts(self, peer_id: str) -> tuple[int, int]:
+        """(receipts accepted, audits passed) of a peer."""
         with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM receipts WHERE peer_id = ?", (peer_id,)).fetchone()[0]
+            return self.db.execute("SELECT COUNT(*), COALESCE(SUM(audit = 'passed'), 0) FROM receipts "
+                                   "WHERE peer_id = ?", (peer_id,)).fetchone()
 
     def record_audit(self, peer_id: str, epoch: int, batch: int, verdict: str, detail: str) -> int:
         """Store an audit's verdict ('passed', 'failed', 'unmatched' or 'skipped'); returns the peer's strikes."""

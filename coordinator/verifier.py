@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 CLOCK_SKEW_S = 60.0  # a Join/RenewToken timestamp may be this far from the coordinator's clock
 MAX_QUEUED_AUDITS = 1000
+MAX_QUEUED_AUDITS_PER_PEER = 100
 REDUCER_NAME = "reducer"  # the name in a reducer's credentials
 SENT_CHECK_DELAY_S = 5.0  # a round's last receipts arrive after it (a receipt follows its batch's step)
 SENT_RTOL = 0.5  # what a peer sent vs its receipts, relative to its contribution (see sent_error)
@@ -86,7 +87,8 @@ class Verifier:
         self.claimed: dict[str, tuple[float, int]] = {}  # peer id -> (joined, env steps claimed since)
         self.expires: dict[str, float] = {}  # peer id -> when its latest token expires (unix seconds)
         self.refusals: dict[str, dict[str, int]] = {}  # peer id ("?" if unreadable) -> gRPC code -> receipts refused
-        self.queue: deque[PendingAudit] = deque(maxlen=MAX_QUEUED_AUDITS)
+        self.queues: dict[str, deque[PendingAudit]] = {}  # peer id -> its sampled receipts, oldest first
+        self.audits_started: dict[str, int] = {}  # peer id -> audits handed to the worker
         self.running: list[tuple[Future, PendingAudit]] = []
         self.sent: deque[tuple[float, int, dict[str, list[float]]]] = deque(maxlen=MAX_QUEUED_AUDITS)
         self.drifted: dict[str, set[int]] = {}  # peer id -> labels of its receipts refused as off the swarm's params
@@ -194,7 +196,9 @@ class Verifier:
         if claimed + receipt.env_steps > (now - joined + RATE_SLACK_S) * self.config.max_env_steps_per_second:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{claimed + receipt.env_steps} env steps since joining "
                           f"{now - joined:.0f} s ago is more than max_env_steps_per_second allows")
-        new = self.ledger.receipt_count(receipt.peer_id) < self.config.new_peer_receipts or peer["strikes"] > 0
+        accepted, passed = self.ledger.receipt_counts(receipt.peer_id)
+        # a peer whose sampled receipts could not be replayed yet (audits behind) has earned no trust
+        new = accepted < self.config.new_peer_receipts or passed == 0 or peer["strikes"] > 0
         rate = self.config.audit_rate_new if new else self.config.audit_rate
         audit = _random.random() < rate
         try:
@@ -205,8 +209,12 @@ class Verifier:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
         with self.lock:
             self.claimed[receipt.peer_id] = (joined, claimed + receipt.env_steps)
+            queue = self.queues.setdefault(receipt.peer_id, deque()) if audit else None
+            dropped = queue.popleft() if queue is not None and len(queue) == MAX_QUEUED_AUDITS_PER_PEER else None
             if audit:
-                self.queue.append(PendingAudit(receipt.peer_id, peer["public_key"], receipt))
+                queue.append(PendingAudit(receipt.peer_id, peer["public_key"], receipt))
+        if dropped is not None:
+            self._verdict(dropped, "skipped", "more of the peer's receipts were waiting for an audit than are kept")
         return receipt
 
     def _check_params(self, r: Receipt) -> None:
@@ -310,17 +318,15 @@ class Verifier:
             try:
                 passed, detail = future.result()
             except BrokenProcessPool:
-                with self.lock:
-                    self.queue.appendleft(job)  # audited again by the next pool
+                self._requeue(job)  # audited again by the next pool
                 continue
             except Exception as e:  # a crashed replay is our fault, not the peer's: no strike
                 logger.error("audit of %s epoch %d batch %d crashed: %r", job.peer_id, job.receipt.epoch,
                              job.receipt.batch, e)
                 continue
             self._verdict(job, "passed" if passed else "failed", detail)
-        while self.queue and len(self.running) < parallel:
+        while len(self.running) < parallel and (job := self._next_job()) is not None:
             with self.lock:
-                job = self.queue.popleft()
                 sketches = dict(self.sketches)
             epoch, detail = self._matching_epoch(job.receipt, sketches)
             if epoch is None:
@@ -333,10 +339,25 @@ class Verifier:
             try:
                 future = pool.submit(audit_receipt, self.config.to_json(), job.public_key, job.receipt, state)
             except BrokenProcessPool:  # the worker died (memory, a signal): the caller starts a new pool
-                with self.lock:
-                    self.queue.appendleft(job)
+                self._requeue(job)
                 raise
             self.running.append((future, job))
+
+    def _next_job(self) -> PendingAudit | None:
+        """The newest sampled receipt of the peer with the fewest audits so far: when audits fall behind, one
+        busy peer's backlog must not starve the others, and a newest receipt's epoch is still kept."""
+        with self.lock:
+            waiting = [pid for pid, queue in self.queues.items() if queue]
+            if not waiting:
+                return None
+            pid = min(waiting, key=lambda p: self.audits_started.get(p, 0))
+            self.audits_started[pid] = self.audits_started.get(pid, 0) + 1
+            return self.queues[pid].pop()
+
+    def _requeue(self, job: PendingAudit) -> None:
+        with self.lock:
+            self.audits_started[job.peer_id] -= 1
+            self.queues[job.peer_id].append(job)
 
     def _matching_epoch(self, r: Receipt, sketches: dict[int, list[float]]) -> tuple[int | None, tuple[str, str]]:
         """The kept epoch whose parameters the receipt's sketch names, or None and the verdict without a replay:
@@ -382,5 +403,5 @@ class Verifier:
             self.publish_ban(peer["libp2p_id"])
 
     def idle(self) -> bool:
-        return not self.queue and not self.running
+        return not any(self.queues.values()) and not self.running
 

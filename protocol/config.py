@@ -87,7 +87,8 @@ class RunConfig:
     audit_rate: float = 0.05
     """Share of receipts the coordinator replays."""
     audit_rate_new: float = 0.5
-    """Share replayed of a peer's first new_peer_receipts receipts, and after a failed audit."""
+    """Share replayed of a peer's receipts while it is new: its first new_peer_receipts, until one of its audits has
+    passed, and after a failed audit."""
     audit_idle: bool = True
     """Run the coordinator's audits only on CPU time nothing else wants (Linux SCHED_IDLE), so they never slow its
     trusted peer; they wait while the machine is saturated (past params_history epochs they are skipped). False:
