@@ -207,11 +207,13 @@ class Verifier:
                                     "pending" if audit else None)
         except Duplicate as e:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        dropped = None
         with self.lock:
             self.claimed[receipt.peer_id] = (joined, claimed + receipt.env_steps)
-            queue = self.queues.setdefault(receipt.peer_id, deque()) if audit else None
-            dropped = queue.popleft() if queue is not None and len(queue) == MAX_QUEUED_AUDITS_PER_PEER else None
             if audit:
+                queue = self.queues.setdefault(receipt.peer_id, deque())
+                if len(queue) >= MAX_QUEUED_AUDITS_PER_PEER:
+                    dropped = queue.popleft()
                 queue.append(PendingAudit(receipt.peer_id, peer["public_key"], receipt))
         if dropped is not None:
             self._verdict(dropped, "skipped", "more of the peer's receipts were waiting for an audit than are kept")
