@@ -184,7 +184,7 @@ class Launch:
                 kept_epoch = trusted.epoch
                 self.verifier.add_epoch(kept_epoch, trusted.snapshot(), trusted.state.hash)
             for sent in trusted.sent_sketches():  # the round that ended the epoch before this one
-                self.verifier.add_sent(trusted.epoch - 1, sent)
+                self.verifier.rounds.add_sent(trusted.epoch - 1, sent)
             try:
                 self.verifier.pump(self.auditor)
             except BrokenProcessPool:

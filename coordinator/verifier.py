@@ -1,14 +1,13 @@
 """Verification and access: proof of key, tokens, receipt checks, audit sampling, strikes and bans.
 
 The gRPC threads call join / renew / submit (cheap checks only); the main thread calls add_epoch after every
-averaging round and pump between trusted-peer steps, which hands sampled receipts to the audit worker process
-and applies the verdicts. Everything shared sits behind one lock.
+averaging round and pump between trusted-peer steps, which hands sampled receipts to the audit worker process,
+applies the verdicts and runs the round check (round_check.py). Everything shared sits behind one lock.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import threading
 import time
@@ -23,6 +22,7 @@ import torch
 
 from hivegym.coordinator.audit import PARAMS_RTOL, audit_receipt, sketch_distance
 from hivegym.coordinator.ledger import Duplicate, Ledger
+from hivegym.coordinator.round_check import RoundCheck
 from hivegym.protocol import hivegym_pb2 as pb
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.identity import Identity, peer_id, verify
@@ -33,12 +33,8 @@ from hivegym.protocol.receipt import (RECEIPT_PREFIX, Receipt, ReceiptError, Tok
 logger = logging.getLogger(__name__)
 
 CLOCK_SKEW_S = 60.0  # a Join/RenewToken timestamp may be this far from the coordinator's clock
-MAX_QUEUED_AUDITS = 1000
 MAX_QUEUED_AUDITS_PER_PEER = 100
 REDUCER_NAME = "reducer"  # the name in a reducer's credentials
-SENT_CHECK_DELAY_S = 5.0  # a round's last receipts arrive after it (a receipt follows its batch's step)
-SENT_RTOL = 0.5  # what a peer sent vs its receipts, relative to its contribution (see sent_error)
-CODEC_RTOL = 2e-3  # float16 rounding of the parameters, relative to their sketch
 RATE_SLACK_S = 5.0  # seconds of work a peer may claim beyond its time since joining
 _random = secrets.SystemRandom()  # peers must not predict which receipts are audited
 
@@ -58,22 +54,6 @@ class PendingAudit:
     receipt: Receipt
 
 
-def sent_error(sent: list[float], receipts: list[Receipt]) -> float:
-    """|sketch(sent) - (params sketch + mean contribution sketch)|, less the codec's share, relative to the mean
-    contribution's sketch: small for an honest peer, 4.7-11 here for one that sends its contribution times -10.
-    The receipts share their parameters; the smallest error over the means of their last k batches counts, since a
-    peer that reloaded the swarm's state (or failed to) starts its mean afresh."""
-    params = receipts[0].params_sketch
-    receipts = sorted(receipts, key=lambda r: r.batch)
-    errors = []
-    for first in range(len(receipts)):
-        tail = receipts[first:]
-        mean = [sum(values) / len(tail) for values in zip(*(r.update_sketch for r in tail))]
-        error = math.hypot(*(s - p - m for s, p, m in zip(sent, params, mean)))
-        errors.append(max(0.0, error - CODEC_RTOL * math.hypot(*params)) / max(math.hypot(*mean), 1e-12))
-    return min(errors)
-
-
 class Verifier:
     def __init__(self, config: RunConfig, identity: Identity, ledger: Ledger,
                  publish_access: Callable[[str, float], None], publish_ban: Callable[[str], None]):
@@ -90,8 +70,7 @@ class Verifier:
         self.queues: dict[str, deque[PendingAudit]] = {}  # peer id -> its sampled receipts, oldest first
         self.audits_started: dict[str, int] = {}  # peer id -> audits handed to the worker
         self.running: list[tuple[Future, PendingAudit]] = []
-        self.sent: deque[tuple[float, int, dict[str, list[float]]]] = deque(maxlen=MAX_QUEUED_AUDITS)
-        self.drifted: dict[str, set[int]] = {}  # peer id -> labels of its receipts refused as off the swarm's params
+        self.rounds = RoundCheck(ledger, self._strike)
         self.epoch = 0
 
     # ---- access -------------------------------------------------------------------------------------------
@@ -233,8 +212,7 @@ class Verifier:
         if distances[nearest] <= PARAMS_RTOL:
             raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"the batch was collected with the parameters of epoch "
                           f"{nearest}, not of epoch {r.epoch}")
-        with self.lock:
-            self.drifted.setdefault(r.peer_id, set()).add(r.epoch)
+        self.rounds.note_drift(r.peer_id, r.epoch)
         raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"the parameters of this batch match no epoch of the "
                       f"swarm near {r.epoch} (a failed averaging round?): reload the swarm's state")
 
@@ -265,8 +243,7 @@ class Verifier:
             self.history[epoch], self.hashes[epoch], self.sketches[epoch] = state, params_hash, params_sketch
             for old in [e for e in self.history if e < epoch - self.config.params_history - 1]:
                 del self.history[old], self.hashes[old], self.sketches[old]
-            for labels in self.drifted.values():
-                labels.difference_update([e for e in labels if e < epoch - self.config.params_history - 1])
+        self.rounds.forget_before(epoch - self.config.params_history - 1)
 
     def set_epoch(self, epoch: int) -> None:
         with self.lock:
@@ -280,41 +257,10 @@ class Verifier:
         signature = self.identity.sign(epoch_hash_message(self.config.run_id, epoch, params_hash))
         return pb.EpochHashReply(epoch=epoch, params_hash=params_hash, signature=signature)
 
-    def add_sent(self, epoch: int, sent: dict[str, list[float]]) -> None:
-        """Sketches of what each sender (by hivemind id) put into the round that ended `epoch`, from the trusted
-        reducer; checked against the senders' receipts once the receipts of that epoch are in."""
-        self.sent.append((time.monotonic() + SENT_CHECK_DELAY_S, epoch, sent))
-
-    def _check_sent(self) -> None:
-        """A peer sends the epoch's parameters plus the mean of its batches' contributions, so the sketch of what
-        it sent must be its receipts' parameter sketch plus the mean of their contribution sketches (up to the
-        codec's rounding). Anything else means it put something into the average that its receipts do not say."""
-        now = time.monotonic()
-        while self.sent and self.sent[0][0] <= now:
-            _, epoch, sent = self.sent.popleft()
-            for libp2p_id, sent_sketch in sent.items():
-                pid = self.ledger.peer_by_libp2p_id(libp2p_id)
-                if pid is None:  # the coordinator's own peer
-                    continue
-                with self.lock:
-                    drifted = self.drifted.get(pid, set()) & {epoch - 1, epoch, epoch + 1}
-                if drifted:  # it sent from parameters whose receipts were refused: nothing to compare with
-                    logger.debug("peer %s: round %d not checked (receipts of epoch %s were off the swarm's "
-                                 "parameters)", pid, epoch, sorted(drifted))
-                    continue
-                groups: dict[tuple[int, tuple[float, ...]], list[Receipt]] = {}  # (label, params) -> receipts
-                for data in self.ledger.receipts(pid, epoch - 1, epoch + 1):
-                    receipt = decode_receipt(data)
-                    groups.setdefault((receipt.epoch, tuple(receipt.params_sketch)), []).append(receipt)
-                errors = [sent_error(sent_sketch, receipts) for receipts in groups.values()]
-                if errors and min(errors) > SENT_RTOL:
-                    self._strike(pid, f"what it sent into the round that ended epoch {epoch} is not what its "
-                                      f"receipts say (off by {min(errors):.2g} of its contribution)")
-
     def pump(self, pool: ProcessPoolExecutor, parallel: int = 4) -> None:
         """Apply finished audits and hand queued ones to the pool (at most `parallel` waiting there at a time);
         check what peers sent into finished rounds."""
-        self._check_sent()
+        self.rounds.check()
         for future, job in [(f, j) for f, j in self.running if f.done()]:
             self.running.remove((future, job))
             try:

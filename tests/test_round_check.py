@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from hivegym.coordinator import verifier as verifier_module
+from hivegym.coordinator import round_check
 from hivegym.protocol.identity import Identity
 from hivegym.protocol.rpc import CoordinatorClient
 from servers import SMALL, TestServer
@@ -22,7 +22,7 @@ LIBP2P_ID = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"  # any base58
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    monkeypatch.setattr(verifier_module, "SENT_CHECK_DELAY_S", 0.0)  # check a round as soon as it is reported
+    monkeypatch.setattr(round_check, "SENT_CHECK_DELAY_S", 0.0)  # check a round as soon as it is reported
     server = TestServer(tmp_path, dataclasses.replace(SMALL, audit_rate=0.0, audit_rate_new=0.0))
     initial = server.policy.state_dict()
     for epoch in (1, 2, 3):  # epochs whose parameters differ from epoch 0's
@@ -68,8 +68,8 @@ def sent(params: list[float], contributions: list[list[float]], factor: float = 
 
 def strikes_after_round(server: TestServer, epoch: int, sent_sketch: list[float]) -> int:
     peer_id = server.ledger.peer_by_libp2p_id(LIBP2P_ID)
-    server.verifier.add_sent(epoch, {LIBP2P_ID: sent_sketch})
-    server.verifier._check_sent()
+    server.verifier.rounds.add_sent(epoch, {LIBP2P_ID: sent_sketch})
+    server.verifier.rounds.check()
     return server.ledger.peer(peer_id)["strikes"]
 
 
