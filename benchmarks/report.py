@@ -69,6 +69,9 @@ def bandwidth(data: dict) -> list[str]:
         ratio = best["wall_vs_unlimited"]
         lines.append(f"- at 5 Mbit/s the best setting ({best['mode']}, {best['compression']}) solves within 1.3x of "
                      f"its unlimited time; measured {ratio}x: {verdict(ratio <= 1.3)}")
+    elif any(r["link"] == "5 Mbit/s" for r in rows):
+        lines.append(f"- at 5 Mbit/s the best setting solves within 1.3x of its unlimited time; no setting solved both "
+                     f"unlimited and at 5 Mbit/s: {verdict(False)}")
     for r in rows:
         if r["compression"] == "uint8" and r["bytes_vs_uncompressed"] is not None:
             lines.append(f"- 8-bit bytes per step <= 30% of uncompressed ({r['link']}, {r['mode']}); measured "
