@@ -82,7 +82,8 @@ def in_process(receipts: int) -> list[dict]:
         batch_cpu, batch_wall = time.process_time() - cpu, time.perf_counter() - wall
         set_flat_params_(policy, params + work.update)  # sync_mode 'local': the next epoch starts from the update
         wall, cpu = time.perf_counter(), time.process_time()
-        passed, detail = audit_receipt(config.to_json(), identity.public_key, receipt, state)
+        verdict, detail = audit_receipt(config.to_json(), identity.public_key, receipt, state)
+        passed = verdict == "passed"
         audit_cpu, audit_wall = time.process_time() - cpu, time.perf_counter() - wall
         if epoch == 0:
             continue  # warm-up: projection matrix, first calls

@@ -136,6 +136,7 @@ def main() -> None:
         if data.get("table"):
             parts += [markdown_table(data["table"]), ""]
         parts += TARGETS.get(data["benchmark"], lambda _: [])(data) + [""]
+        parts += [f"Note: {note}" for note in data.get("notes", [])] + ([""] if data.get("notes") else [])
         if path.with_suffix(".png").exists():
             parts += [f"![{path.stem}](results/{path.with_suffix('.png').name})", ""]
     (HERE / "RESULTS.md").write_text("\n".join(parts))

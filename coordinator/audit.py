@@ -37,9 +37,10 @@ def sketch_distance(a: list[float], b: list[float]) -> float:
     return math.hypot(*(x - y for x, y in zip(a, b))) / norm
 
 
-def audit_receipt(config_json: str, public_key: bytes, receipt: Receipt, state: dict) -> tuple[bool, str]:
+def audit_receipt(config_json: str, public_key: bytes, receipt: Receipt, state: dict) -> tuple[str, str]:
     """Replay the batch with `state`, the parameters of the epoch the receipt's parameter sketch names.
-    Returns (passed, detail)."""
+    Returns (verdict, detail): 'passed', 'failed', or 'diverged' where most env streams' actions differ from the
+    replay, which proves cheating only if the batch was collected with exactly `state` (the caller decides)."""
     torch.set_num_threads(1)
     config = RunConfig.from_json(config_json)
     policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
@@ -52,25 +53,25 @@ def audit_receipt(config_json: str, public_key: bytes, receipt: Receipt, state: 
         collector.close()
     digests = work.rollout.action_digests()
     if len(receipt.actions) != len(digests) or len(receipt.returns) != len(digests):
-        return False, f"the receipt has {len(receipt.actions)} env streams; the run has {len(digests)}"
+        return "failed", f"the receipt has {len(receipt.actions)} env streams; the run has {len(digests)}"
     matched = [i for i, d in enumerate(digests) if d == receipt.actions[i]]
     diverged = len(digests) - len(matched)
     if diverged > MAX_DIVERGED * len(digests):
-        return False, f"actions differ from the replay in {diverged} of {len(digests)} env streams"
+        return "diverged", f"actions differ from the replay in {diverged} of {len(digests)} env streams"
     for i in matched:
         replayed = work.rollout.env_returns[i]
         claimed = receipt.returns[i]
         if len(replayed) != len(claimed) or any(abs(a - b) > RETURN_RTOL * max(1.0, abs(b))
                                                 for a, b in zip(claimed, replayed)):
-            return False, f"episode returns of env stream {i} are {claimed[:4]}, the replay gives {replayed[:4]}"
+            return "failed", f"episode returns of env stream {i} are {claimed[:4]}, the replay gives {replayed[:4]}"
     update = sketch(work.update, config.sketch_dim, sketch_seed(config.run_id))
     if len(receipt.update_sketch) != len(update):
-        return False, "update_sketch has the wrong length"
+        return "failed", "update_sketch has the wrong length"
     cosine, ratio = _cosine_and_ratio(receipt.update_sketch, update)
     if cosine < MIN_COSINE or not NORM_RATIO[0] <= ratio <= NORM_RATIO[1]:
-        return False, (f"the contribution's sketch is not the replay's (cosine {cosine:.2g}, length ratio "
+        return "failed", (f"the contribution's sketch is not the replay's (cosine {cosine:.2g}, length ratio "
                        f"{ratio:.2g})")
-    return True, f"{len(matched)}/{len(digests)} streams match, sketch cosine {cosine:.3g}, length ratio {ratio:.3g}"
+    return "passed", f"{len(matched)}/{len(digests)} streams match, sketch cosine {cosine:.3g}, length ratio {ratio:.3g}"
 
 
 def _cosine_and_ratio(claimed: list[float], replayed: list[float]) -> tuple[float, float]:

@@ -1,16 +1,19 @@
-"""Which receipts the coordinator samples and in what order it audits them, over real gRPC and the SQLite ledger:
-when audits fall behind, a busy peer's backlog must not starve the others, and a peer none of whose sampled
-receipts has been replayed yet stays 'new'."""
+"""Which receipts the coordinator samples, in what order it audits them and what a diverged replay counts as, over
+real gRPC and the SQLite ledger: when audits fall behind, a busy peer's backlog must not starve the others, a peer
+none of whose sampled receipts has been replayed yet stays 'new', and a grad-mode peer that drifted is no cheat."""
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
 from hivegym.coordinator import verifier as verifier_module
 from hivegym.protocol.identity import Identity
 from hivegym.protocol.rpc import CoordinatorClient
+from procs import wait_for
 from servers import SMALL, TestServer
 
 
@@ -50,3 +53,24 @@ def test_a_full_queue_drops_the_oldest_as_skipped(server, monkeypatch):
     assert [job.receipt.batch for job in server.verifier.queues[busy.peer_id]] == [2, 3, 4]
     verdicts = server.ledger.db.execute("SELECT batch, audit FROM receipts ORDER BY batch").fetchall()
     assert verdicts == [(0, "skipped"), (1, "skipped"), (2, "pending"), (3, "pending"), (4, "pending")]
+
+
+@pytest.mark.parametrize("sync_mode, exact, verdict", [("grad", False, "unmatched"), ("grad", True, "failed"),
+                                                       ("local", False, "failed")])
+def test_diverged_actions_are_a_strike_unless_a_grad_mode_peer_drifted(tmp_path, sync_mode, exact, verdict):
+    """Actions that differ from the replay in every stream, replayed by the real audit worker: a strike, except in
+    grad mode from parameters near the epoch's but not exactly them (an honest peer that missed a round)."""
+    server = TestServer(tmp_path, dataclasses.replace(SMALL, sync_mode=sync_mode, audit_rate_new=1.0))
+    identity = Identity.generate()
+    client = CoordinatorClient(server.address, timeout=5, retries=1)
+    client.join("drifted", "cpu", server.credentials(identity, "drifted"))
+    honest, other = server.receipt(identity), server.receipt(identity, batch=1)  # other seeds, other actions
+    receipt = dataclasses.replace(honest, actions=other.actions,
+                                  params_hash=honest.params_hash if exact else "f" * len(honest.params_hash))
+    client.submit_receipt(*receipt.sign(identity))
+    client.close()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        wait_for(lambda: server.verifier.pump(pool) or server.verifier.idle(), 60, "the audit")
+    audit, detail = server.ledger.db.execute("SELECT audit, audit_detail FROM receipts").fetchone()
+    server.close()
+    assert audit == verdict and "actions differ" in detail, detail
