@@ -28,6 +28,8 @@ from hivegym.protocol.work import batch_seeds, params_hash, sketch, sketch_seed
 
 logger = logging.getLogger(__name__)
 AHEAD_REPORTS = 5
+RENEW_POLL_S = 0.5  # how often the renewal thread checks whether the token is due
+RENEW_RETRY_S = 2.0  # after a failed renewal
 SHUTDOWN_DEADLINE_S = 6.0  # after a stop signal: the coordinator kills its local peers' groups at 8 s
 
 
@@ -110,7 +112,7 @@ def run(options: VolunteerOptions) -> int:
     session.config = config
     logger.info("joined as peer %s (key %s)", identity.peer_id, options.identity)
 
-    dht = opt = None
+    dht = opt = renewer = None
     try:
         leaders = swarm.peer_ids(list(reply.bootstrap_maddrs))  # the coordinator's trusted peer
         if not leaders:
@@ -127,17 +129,22 @@ def run(options: VolunteerOptions) -> int:
         session.renew()  # binds the token to this hivemind peer id: the trusted peers admit it from now on
         policy = build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed).to(device)
         opt = swarm.make_optimizer(dht, policy, config, client_mode=options.client_mode)
+        # renewed in the background from here (the averagers have forked): waiting for a reducer and downloading
+        # the state can outlast a short token_ttl on a loaded machine, and a lapsed token is refused the state
+        renewer = TokenRenewer(session)
         if not swarm.wait_for_reducer(opt, timeout=config.load_state_timeout):
             raise JoinFailed("no trusted peer of the swarm answered within load_state_timeout; is the coordinator "
                              "still running?")
         if opt.tracker.global_epoch > 0:  # late joiner: start from the swarm's parameters, not from scratch
-            load_verified_state(opt, policy, session)
+            load_verified_state(opt, policy, session, config.load_state_timeout)
         # handlers go in after hivemind's processes have forked, so SIGTERM still ends those at once
         stop = threading.Event()
         stop_on_signals(stop, SHUTDOWN_DEADLINE_S)
         train(options, config, session, opt, policy, device, stop)
         return 0
     finally:
+        if renewer is not None:
+            renewer.stop()
         swarm.shutdown(opt, dht)
         client.close()
 
@@ -186,7 +193,10 @@ class Session:
                 self.renew()
             except grpc.RpcError as e:
                 logger.warning("token renewal failed (%s); retrying", describe_error(e))
-                self.renew_at = time.time() + 2.0
+                self.renew_at = time.time() + RENEW_RETRY_S
+            except JoinFailed as e:  # a token that does not verify: the next renewal may bring a good one
+                logger.warning("%s; retrying", e)
+                self.renew_at = time.time() + RENEW_RETRY_S
 
     def submit(self, receipt: Receipt) -> tuple[int | None, bool]:
         """Hand in a receipt; returns (the coordinator's epoch or None if it did not answer, whether this peer's
@@ -204,19 +214,41 @@ class Session:
             return None, e.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def load_verified_state(opt, policy: torch.nn.Module, session: Session, attempts: int = 3) -> None:
-    """Download the swarm's state and check it against the hash the coordinator signed for its epoch. Trusted
-    peers serve each epoch's starting parameters under its number; hivemind relabels a download one epoch
-    ahead while a round is ending (catching up), so a mismatch is retried."""
-    for _ in range(attempts):
+class TokenRenewer:
+    """Renews the session's token at half its lifetime: a daemon thread that calls session.renew_if_due() every
+    RENEW_POLL_S seconds, until stop() (which joins it)."""
+
+    def __init__(self, session: Session):
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(session,), name="token-renewal", daemon=True)
+        self._thread.start()
+
+    def _run(self, session: Session) -> None:
+        while not self._stopped.wait(RENEW_POLL_S):
+            session.renew_if_due()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stopped.set()
+        self._thread.join(timeout)
+
+
+def load_verified_state(opt, policy: torch.nn.Module, session: Session, timeout: float) -> None:
+    """Download the swarm's state and check it against the hash the coordinator signed for its epoch, retrying for
+    `timeout` seconds (load_state_timeout). Trusted peers serve each epoch's starting parameters under its number;
+    hivemind relabels a download one epoch ahead while a round is ending (catching up), and a download can fail
+    on a loaded machine, so a mismatch is retried, not fatal."""
+    deadline = time.monotonic() + timeout
+    while True:
         opt.load_state_from_peers()
         if signed_hash(session, opt.local_epoch) == params_hash(policy):
             logger.info("loaded the swarm's state at epoch %d (hash checked)", opt.local_epoch)
             return
+        if time.monotonic() >= deadline:
+            raise JoinFailed(f"could not download a swarm state that matches the coordinator's signed hash within "
+                             f"load_state_timeout ({timeout:g} s); is the coordinator's trusted peer overloaded?")
         logger.warning("the state downloaded at epoch %d matches no hash the coordinator signed; retrying",
                        opt.local_epoch)
         time.sleep(1.0)
-    raise JoinFailed("could not download a swarm state that matches the coordinator's signed hash")
 
 
 def signed_hash(session: Session, epoch: int, wait_s: float = 5.0) -> str | None:
@@ -301,7 +333,6 @@ def train(options: VolunteerOptions, config: RunConfig, session: Session, opt, p
                 reporting = ok
                 logger.log(logging.INFO if ok else logging.WARNING, "coordinator %s; training goes on",
                            "answers again" if ok else "does not take receipts")
-            session.renew_if_due()
             rate = progress.samples / max(now - start, 1e-9)
             line = (f"epoch {opt.local_epoch} | {rate:,.0f} samples/s | {progress.batches:,} batches, "
                     f"{progress.env_steps:,} env steps | mean return {_fmt(progress.mean_return())}")

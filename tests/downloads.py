@@ -22,7 +22,7 @@ def main() -> int:
         matched = 0
         for _ in range(count):
             try:
-                volunteer.load_verified_state(opt, policy, session, attempts=1)
+                volunteer.load_verified_state(opt, policy, session, timeout=0.0)
                 matched += 1
             except volunteer.JoinFailed:
                 pass

@@ -17,6 +17,7 @@ from hivegym.protocol.policy import build_policy
 from procs import Proc, start_coordinator, start_peer, status, wait_for
 
 pytestmark = pytest.mark.slow
+SHORT_TTL_S = 6.0  # token_ttl where a test needs a token to lapse during a slow start
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -72,13 +73,19 @@ def test_sigkill_one_of_three_peers(tmp_path):
 
 
 def test_late_joiner_starts_from_swarm_state(tmp_path):
-    coordinator, address = start_coordinator(tmp_path, "--max-minutes", "6")
+    """The late peer starts slowly (tests/slow_peer.py): its state download comes after the token it bound on
+    joining has lapsed, so it loads the state only if it renewed the token meanwhile."""
+    coordinator, address = start_coordinator(tmp_path, "--max-minutes", "6", "--set", f"token_ttl={SHORT_TTL_S}")
     first = start_peer(tmp_path, address, "early")
     late: Proc | None = None
     try:
         wait_for(lambda: status(address).epoch >= 5, 180, "epoch 5")
-        late = start_peer(tmp_path, address, "late", "--save-params", str(tmp_path / "late.pt"))
-        wait_for(lambda: "loaded the swarm's state" in late.text(), 90, "the late peer to load state")
+        late = Proc(["tests.slow_peer", str(1.5 * SHORT_TTL_S), "--coordinator", address, "--name", "late",
+                     "--identity", str(tmp_path / "late.key"), "--save-params", str(tmp_path / "late.pt")],
+                    tmp_path / "late.log")
+        wait_for(lambda: "loaded the swarm's state" in late.text() or late.popen.poll() is not None, 90,
+                 "the late peer to load state")
+        assert late.popen.poll() is None, late.text()[-3000:]
         late.stop()
         snapshots = torch.load(tmp_path / "late.pt", weights_only=True)
         start_epoch = min(snapshots)
