@@ -27,6 +27,17 @@ def swarm_vs_single(data: dict) -> list[str]:
     return lines
 
 
+def learning(data: dict) -> list[str]:
+    lines = []
+    for row in data["table"]:
+        if row["system"].endswith("split batches"):
+            ratio = row["vs_one_process"]
+            measured = "unsolved" if ratio is None else f"{ratio}x"
+            lines.append(f"- {row['system']} (simulated rounds): env steps to solve at most 1.5x one process's; "
+                         f"measured {measured}: {verdict(ratio is not None and ratio <= 1.5)}")
+    return lines
+
+
 def vs_sb3(data: dict) -> list[str]:
     lines = []
     for row in data["table"]:
@@ -108,7 +119,7 @@ def reducer_bandwidth(data: dict) -> list[str]:
             for r in rows]
 
 
-TARGETS = {"swarm_vs_single": swarm_vs_single, "vs_sb3": vs_sb3, "env_speed": env_speed, "bandwidth": bandwidth,
+TARGETS = {"learning": learning, "swarm_vs_single": swarm_vs_single, "vs_sb3": vs_sb3, "env_speed": env_speed, "bandwidth": bandwidth,
            "footprint": footprint, "distill": distill, "adversaries": adversaries,
            "audit_cost": footprint, "reducer_bandwidth": reducer_bandwidth}  # audit_cost's rows carry their target and verdict like footprint's
 

@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 # extra arguments per benchmark and mode; --quick and --smoke are passed through where a script has them
 MODES = {
+    "learning": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
     "swarm_vs_single": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
     "vs_sb3": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},
     "env_speed": {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]},

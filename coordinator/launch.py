@@ -201,8 +201,6 @@ class Launch:
             epoch = trusted.epoch
             with state.lock:
                 state.epoch = epoch
-                state.own_env_steps = trusted.progress.env_steps
-                state.own_samples_per_second = trusted.samples_per_second()
             if pending is not None and pending.done():
                 returns = pending.result()
                 with state.lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import time
 from typing import Dict
@@ -50,25 +51,36 @@ def subkey(libp2p_id: str, tag: bytes) -> bytes:
     return libp2p_id.encode() + tag
 
 
-def centered_clip(parts: list[torch.Tensor], iterations: int = CLIP_ITERATIONS) -> torch.Tensor:
-    """CenteredClip (Karimireddy et al., 2021) from the coordinate-wise median, with the clipping radius set to the
-    median distance of the inputs from it: a minority of inputs can move the result by at most about the radius
-    each. Two inputs give their mean (with two there is no majority to trust)."""
+def centered_clip(parts: list[torch.Tensor], weights: list[float] | None = None,
+                  iterations: int = CLIP_ITERATIONS) -> torch.Tensor:
+    """Weighted CenteredClip (Karimireddy et al., 2021) from the coordinate-wise median, with the clipping radius set
+    to the median distance of the inputs from it: inputs of total weight share s can move the result by at most
+    about s times the radius per iteration. Inputs within the radius give their weighted mean. Two inputs give their
+    weighted mean (with two there is no majority to trust). weights: one per part, not all zero (None: equal)."""
     x = torch.stack(parts)  # [m, n]
+    w = torch.ones(len(parts)) if weights is None else torch.tensor(weights, dtype=torch.float32)  # [m]
+    w = w / w.sum()
     if len(parts) <= 2:
-        return x.mean(0)
+        return (w[:, None] * x).sum(0)
     v = x.median(0).values  # [n]
     tau = (x - v).norm(dim=1).median()
     for _ in range(iterations):
         diff = x - v  # [m, n]
         scale = (tau / diff.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)  # [m]
-        v = v + (diff * scale[:, None]).mean(0)
+        v = v + ((w * scale)[:, None] * diff).sum(0)
     return v
 
 
+def round_weights(reported: list[float], cap: float) -> list[float]:
+    """The weights a reducer uses: each sender's self-reported sample count, capped at `cap` (a round's samples),
+    so no sender outweighs a whole round; all zero or invalid: equal weights (never a zero total)."""
+    weights = [min(w, cap) if math.isfinite(w) and w > 0 else 0.0 for w in reported]
+    return weights if sum(weights) > 0 else [1.0] * len(reported)
+
+
 class RobustReducer(TensorPartReducer):
-    """hivemind's reducer with each part's average replaced by centered_clip over the senders: every sender
-    counts once whatever weight it reports (hivemind weights by a self-reported sample count).
+    """hivemind's reducer with each part's average replaced by centered_clip over the senders, each weighted by the
+    samples it reports for the round (hivemind's weight), capped at the round's target (round_weights).
 
     When this reducer gets every part of the vector (it is the only reducer) and install() was given a sketch
     spec, it also projects what each sender sent onto the receipts' sketch directions and puts
@@ -120,9 +132,9 @@ class RobustReducer(TensorPartReducer):
 
     def check_current_part_finished(self):
         if self.current_part_accumulated_from == self.num_current_senders:
-            weighted = [p for _, p, w in self.parts if w > 0] or [p for _, p, _ in self.parts]  # aux: weight 0
-            if weighted:
-                self.current_part_future.set_result(centered_clip(weighted))
+            if self.parts:
+                weights = round_weights([w for _, _, w in self.parts], _max_weight)
+                self.current_part_future.set_result(centered_clip([p for _, p, _ in self.parts], weights))
             else:
                 self.current_part_future.set_result(self.accumulator)
             self.reset_accumulators()
@@ -156,6 +168,7 @@ class AccessGuard:
 _guard: AccessGuard | None = None
 _original = {}
 _sketch_spec: tuple[int, int, int] | None = None  # (dim, seed, number of parameters)
+_max_weight = float("inf")  # a sender's weight counts at most this (samples)
 _sent_queue = None
 _projection: list[torch.Tensor] = []
 
@@ -167,13 +180,15 @@ def _directions() -> torch.Tensor:
     return _projection[0]
 
 
-def install(run_id: str, tag: bytes, sketch_spec: tuple[int, int, int] | None = None, sent_queue=None) -> None:
+def install(run_id: str, tag: bytes, sketch_spec: tuple[int, int, int] | None = None, sent_queue=None,
+            max_weight: float = float("inf")) -> None:
     """Make every averager created after this in this process a trusted reducer (robust, access-controlled).
     sketch_spec (dim, seed, parameters) and sent_queue: report the sketch of what each sender sent (see
-    RobustReducer); only meaningful where parameters are averaged (sync_mode 'local')."""
-    global _guard, _sketch_spec, _sent_queue
+    RobustReducer); only meaningful where parameters are averaged (sync_mode 'local'). max_weight: the cap on a
+    sender's self-reported weight (the round's target samples)."""
+    global _guard, _sketch_spec, _sent_queue, _max_weight
     _guard = AccessGuard(run_id, tag)
-    _sketch_spec, _sent_queue = sketch_spec, sent_queue
+    _sketch_spec, _sent_queue, _max_weight = sketch_spec, sent_queue, max_weight
     allreduce.TensorPartReducer = RobustReducer
     if _original:
         return

@@ -51,9 +51,7 @@ class SwarmState:
     started: float = field(default_factory=time.monotonic)
     first_report: float | None = None  # monotonic time of the first volunteer receipt (training has begun)
     epoch: int = 0
-    own_env_steps: int = 0
     retired_env_steps: int = 0  # env steps of peers that joined again with the same key
-    own_samples_per_second: float = 0.0
     last_eval_return: float | None = None
     last_eval_epoch: int = 0
     peers: dict[str, PeerRecord] = field(default_factory=dict)  # by peer id
@@ -66,10 +64,10 @@ class SwarmState:
         return [p for p in self.peers.values() if now - p.last_seen <= LIVE_WINDOW_S]
 
     def env_steps(self) -> int:
-        return self.own_env_steps + self.retired_env_steps + sum(p.env_steps for p in self.peers.values())
+        return self.retired_env_steps + sum(p.env_steps for p in self.peers.values())
 
     def samples_per_second(self, now: float) -> float:
-        return self.own_samples_per_second + sum(p.samples_per_second for p in self.live_peers(now))
+        return sum(p.samples_per_second for p in self.live_peers(now))
 
 
 class CoordinatorService:

@@ -1,12 +1,13 @@
 """The coordinator's own hivemind peer: a full (non-client) peer that reduces every round and serves state.
 
-It trains on a small, throttled stream of real samples: a peer with no samples publishes no progress, so
-client volunteers would never learn the swarm's epoch, and step(batch_size=0) divides by zero in hivemind.
+It contributes nothing to training: each of its optimizer steps counts one sample with no change to the parameters
+(zero gradients in grad mode). A peer with no samples publishes no progress, so client volunteers would never learn
+the swarm's epoch, and step(batch_size=0) divides by zero in hivemind; one sample per step is enough for both, and
+in a round it weighs those few samples against the volunteers' thousands.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing
 import queue
@@ -18,16 +19,16 @@ from hivemind.optim.state_averager import TrainingStateAverager
 
 from hivegym.coordinator import reducer
 from hivegym.peer import swarm
-from hivegym.peer.worker import Epoch, Progress, do_batch
+from hivegym.peer.worker import Epoch
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.policy import build_policy, parameter_count
-from hivegym.protocol.rollout import Collector, evaluate
-from hivegym.protocol.work import batch_seeds, sketch_seed
+from hivegym.protocol.rollout import evaluate
+from hivegym.protocol.work import sketch_seed
 
 logger = logging.getLogger(__name__)
 
-TRUSTED_NUM_ENVS = 1  # its batches are small: it is there to reduce, not to compute
-TRUSTED_PAUSE_S = 0.1  # pause after each batch; keeps it to a small share of one core
+TRUSTED_SAMPLES = 1  # samples each of its steps counts
+TRUSTED_PAUSE_S = 0.1  # pause after each step; keeps it to a small share of one core
 BAN_RECORD_S = 7 * 24 * 3600.0
 
 
@@ -45,18 +46,15 @@ class TrustedPeer:
         # what each volunteer sends into a round comes back here as a sketch (parameter averaging only)
         self.sent = multiprocessing.get_context("fork").Queue()
         spec = (config.sketch_dim, sketch_seed(config.run_id), parameter_count(self.policy))
-        reducer.install(config.run_id, self.tag, spec if config.sync_mode == "local" else None, self.sent)  # pre-fork
+        reducer.install(config.run_id, self.tag, spec if config.sync_mode == "local" else None, self.sent,
+                        max_weight=config.target_batch_size)  # before the averagers fork
         serve_epoch_states()
         self.dht = swarm.start_dht(list(initial_peers), client_mode=False, host_maddrs=host_maddrs,
                                    announce_maddrs=announce_maddrs,
                                    record_validators=reducer.validators(config.run_id, self.tag))
         self.opt = swarm.make_optimizer(self.dht, self.policy, config, client_mode=False)
-        self.local_config = dataclasses.replace(config, num_envs=TRUSTED_NUM_ENVS)
-        self.collector = Collector(config.env_id, TRUSTED_NUM_ENVS, 0)
-        self.state = Epoch(self.policy, self.opt.local_epoch, self.local_config)
+        self.state = Epoch(self.policy, self.opt.local_epoch, config)
         serve_epoch_state(self.opt, self.state)
-        self.progress = Progress()
-        self.started = time.monotonic()
 
     def catch_up(self) -> None:
         """Start from the swarm's state (an extra reducer joining a running swarm)."""
@@ -64,7 +62,7 @@ class TrustedPeer:
             raise RuntimeError("no trusted peer of the swarm answered within load_state_timeout")
         if self.opt.tracker.global_epoch > 0:
             self.opt.load_state_from_peers()
-        self.state = Epoch(self.policy, self.opt.local_epoch, self.local_config)
+        self.state = Epoch(self.policy, self.opt.local_epoch, self.config)
         serve_epoch_state(self.opt, self.state)
 
     @property
@@ -75,20 +73,18 @@ class TrustedPeer:
         return swarm.visible_maddrs(self.dht)
 
     def train_once(self, after_step: Callable[[], bool]) -> bool:
-        """One small batch and its optimizer step (which may join an averaging round), then after_step();
-        returns what after_step returns (True: the run is over)."""
-        seeds = batch_seeds(self.config.run_id, b"coordinator", self.state.number, self.state.next_batch)
-        epoch = self.state
-        _, self.state = do_batch(self.policy, self.state, self.collector, seeds, self.progress,
-                                 lambda samples: swarm.step(self.opt, samples))
-        if self.state is not epoch:
+        """One optimizer step of TRUSTED_SAMPLES samples that leaves the parameters as they are (it may join an
+        averaging round), then after_step(); returns what after_step returns (True: the run is over)."""
+        if self.config.sync_mode == "grad":
+            for p in self.policy.parameters():
+                p.grad = torch.zeros_like(p)
+        new_epoch = swarm.step(self.opt, TRUSTED_SAMPLES)
+        if new_epoch is not None:
+            self.state = Epoch(self.policy, new_epoch, self.config)
             serve_epoch_state(self.opt, self.state)
         done = after_step()
         time.sleep(TRUSTED_PAUSE_S)
         return done
-
-    def samples_per_second(self) -> float:
-        return self.progress.samples / max(time.monotonic() - self.started, 1e-9)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """The current epoch's parameters (what peers hold right after the round that began it)."""
@@ -113,7 +109,6 @@ class TrustedPeer:
                        expiration_time=time.time() + BAN_RECORD_S, return_future=True)
 
     def shutdown(self) -> None:
-        self.collector.close()
         self.sent.cancel_join_thread()
         swarm.shutdown(self.opt, self.dht)
 

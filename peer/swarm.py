@@ -179,7 +179,9 @@ def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig
     if config.sync_mode == "local":
         # delayed (background) averaging would still block every local step until the round ends (hivemind's
         # delta rule), so average synchronously: params are then exactly the group's average after each epoch
-        return hivemind.Optimizer(**common, use_local_updates=True, delay_state_averaging=False)
+        opt = hivemind.Optimizer(**common, use_local_updates=True, delay_state_averaging=False)
+        weigh_rounds_by_samples(opt)
+        return opt
     if config.compression == "powersgd":
         factory = partial(PowerSGDGradientAverager, averager_rank=config.powersgd_rank,
                           request_timeout=request_timeout)
@@ -187,6 +189,25 @@ def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig
         factory = partial(GradientAverager, request_timeout=request_timeout)
     return hivemind.Optimizer(**common, grad_compression=compression(config.compression),
                               grad_averager_factory=factory)
+
+
+def weigh_rounds_by_samples(opt: hivemind.Optimizer) -> None:
+    """This peer's weight in a parameter-averaging round: the samples it accumulated in the epoch (at least 1, so a
+    round never has a zero total), not hivemind's 1 per peer. Equal weights let the coordinator's trusted peer, which
+    trains on a trickle, count as much as a volunteer. hivemind passes no weight to the state averager's rounds, so
+    this wraps that averager's step (this instance only) to put the weight on the round, scheduled or not."""
+    averager_step = opt.state_averager.step
+
+    def step(*args, averaging_round: bool = False, averaging_control=None, averaging_opts=None, **kwargs):
+        if averaging_round:
+            weight = float(max(opt.tracker.local_progress.samples_accumulated, 1))
+            if averaging_control is not None:
+                averaging_control.weight = weight
+            averaging_opts = {**(averaging_opts or {}), "weight": weight}
+        return averager_step(*args, averaging_round=averaging_round, averaging_control=averaging_control,
+                             averaging_opts=averaging_opts, **kwargs)
+
+    opt.state_averager.step = step
 
 
 def step(opt: hivemind.Optimizer, samples: int) -> int | None:

@@ -32,14 +32,18 @@ class RunConfig:
     seed: int = 0
     """Base seed: initial weights and every peer's environment seeds derive from it."""
 
-    num_envs: int = 8
-    """Vector environments per peer (gymnasium SyncVectorEnv); also the env streams of a batch."""
-    rollout_steps: int = 512
-    """Steps per environment in one batch; every batch starts from seeded resets, so this should cover an episode."""
+    num_envs: int = 4
+    """Vector environments per peer (gymnasium SyncVectorEnv); also the env streams of a batch. A round averages one
+    batch per peer, so the swarm's batch per update is this times the peers: 4 suits two volunteers (one process
+    learns best with 8; docs/ARCHITECTURE.md, "Learning per env step")."""
+    rollout_steps: int = 128
+    """Steps per environment in one batch; every batch starts from seeded resets (episodes longer than this are cut
+    and bootstrapped from the value)."""
     update_epochs: int = 10
     """PPO passes over each rollout."""
-    minibatch_size: int = 256
-    """Samples per local gradient computation (hivemind step)."""
+    minibatch_size: int = 128
+    """Samples per Adam step of a batch's PPO passes. A peer's update moves about as far as its number of Adam steps
+    allows, so a peer with half of one process's batch keeps the same number of steps with half its minibatch."""
     learning_rate: float = 3e-3
     """Adam learning rate."""
     gamma: float = 0.98
@@ -57,8 +61,9 @@ class RunConfig:
 
     sync_mode: SyncMode = "local"
     """'grad': average gradients every global step; 'local': local Adam steps, average parameters every epoch."""
-    target_batch_size: int = 81920
-    """Samples the whole swarm accumulates per epoch, a batch counting num_envs * rollout_steps * update_epochs."""
+    target_batch_size: int = 10240
+    """Samples the whole swarm accumulates per epoch, a batch counting num_envs * rollout_steps * update_epochs: one
+    batch from each of two volunteers by default."""
     compression: Compression = "float16"
     """Codec for averaged tensors: none, float16, uint8, blockwise8bit, powersgd."""
     powersgd_rank: int = 4

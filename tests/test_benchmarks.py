@@ -37,6 +37,10 @@ def test_every_benchmark_runs_and_writes_its_results(name, tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     if name == "adversaries":  # a row per swarm, and a verdict per cheat for report.py
         assert [t["cheat"] for t in data["targets"]] == [row["swarm"] for row in data["table"][1:]]
+    if name == "learning":  # one process, then 2 peers with whole and with split batches, each solved the smoke target
+        rows = {row["system"]: row for row in data["table"]}
+        assert rows["one process"]["vs_one_process"] == 1.0 and all(r["median_env_steps"] > 0 for r in rows.values())
+        assert rows["2 peers, split batches"]["peer_batch"] * 2 == rows["2 peers, whole batches"]["peer_batch"]
     if name == "audit_cost":  # an honest receipt passes its audit
         assert data["in_process"] and all(row["passed"] for row in data["in_process"]), data["in_process"]
     assert (report.stat().st_mtime_ns if report.exists() else None) == before  # only the default directory's

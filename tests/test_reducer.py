@@ -22,6 +22,25 @@ def test_centered_clip_bounds_one_outlier():
     assert torch.equal(reducer.centered_clip(pair), torch.full((4,), 0.5))  # two inputs: no majority, the mean
 
 
+def test_centered_clip_weighs_inputs_by_samples():
+    parts = [torch.zeros(4), torch.full((4,), 0.1), torch.full((4,), 0.2)]  # all within the clipping radius
+    # by hand: (3 * 0 + 1 * 0.1 + 0 * 0.2) / 4 = 0.025
+    assert torch.allclose(reducer.centered_clip(parts, [3.0, 1.0, 0.0]), torch.full((4,), 0.025), atol=1e-7)
+    # two inputs: the weighted mean, (1 * 0 + 3 * 1) / 4
+    assert torch.allclose(reducer.centered_clip([torch.zeros(2), torch.ones(2)], [1.0, 3.0]), torch.full((2,), 0.75))
+    # a heavy outlier moves the result by at most its weight share times the radius per iteration
+    honest = [torch.full((16,), 1.0 + 0.1 * i) for i in range(-2, 3)]
+    result = reducer.centered_clip(honest + [torch.full((16,), -100.0)], [1.0] * 5 + [5.0])
+    assert (result - 1.0).abs().max() < 3 * 0.5 * 0.2 + 1e-6
+
+
+def test_round_weights_are_capped_and_never_all_zero():
+    assert reducer.round_weights([5120.0, 1.0, 1e12], cap=10240.0) == [5120.0, 1.0, 10240.0]
+    assert reducer.round_weights([float("nan"), -3.0, 7.0], cap=10.0) == [0.0, 0.0, 7.0]
+    assert reducer.round_weights([0.0, 0.0], cap=10.0) == [1.0, 1.0]  # an all-zero round: equal weights
+    assert reducer.round_weights([float("inf"), 0.0], cap=10.0) == [1.0, 1.0]  # a non-finite report counts 0
+
+
 def test_only_the_coordinator_writes_its_records():
     from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.utils.crypto import RSAPrivateKey
