@@ -80,7 +80,7 @@ def in_process(receipts: int) -> list[dict]:
             collect_s=0.0, compute_s=0.0, step_s=0.0, average_s=0.0, wall_s=0.0)
         receipt.sign(identity)
         batch_cpu, batch_wall = time.process_time() - cpu, time.perf_counter() - wall
-        set_flat_params_(policy, params + work.update)  # sync_mode 'local': the next epoch starts from the update
+        set_flat_params_(policy, params + work.update)  # the next epoch starts from the update
         wall, cpu = time.perf_counter(), time.process_time()
         verdict, detail = audit_receipt(config.to_json(), identity.public_key, receipt, state)
         passed = verdict == "passed"

@@ -1,14 +1,14 @@
 """Separate hosts with limited bandwidth: the coordinator and two peers in three network namespaces.
 
 Each host's link to the bridge is capped with `tc tbf` on its egress (so every byte a host sends crosses a
-capped link); the swarm solves CartPole-v1 for each bandwidth, compression and sync mode. Measured: wall time to
+capped link); the swarm solves CartPole-v1 for each bandwidth and compression. Measured: wall time to
 an evaluation return of 475 (from the first finished rollout) and bytes each host sends per global step (the
 veth's tx counter between the first and the last epoch: tensors, DHT and gRPC traffic included; start-up and
 shutdown left out, and given whole in peer_bytes_in_all). Root only: skipped with a message otherwise.
 Writes benchmarks/results/bandwidth.json.
 
-    python benchmarks/bandwidth.py            # unlimited, 100, 20, 5 Mbit/s x every codec x both modes
-    python benchmarks/bandwidth.py --quick    # unlimited and 5 Mbit/s, local mode, no compression and uint8
+    python benchmarks/bandwidth.py            # unlimited, 100, 20, 5 Mbit/s x every codec
+    python benchmarks/bandwidth.py --quick    # unlimited and 5 Mbit/s, no compression and uint8
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import netns  # noqa: E402  (the namespaces the end-to-end tests use)
 
 RESULTS = Path(__file__).with_name("results")
-SETTINGS = [("local", "none"), ("local", "float16"), ("local", "uint8"),
-            ("grad", "none"), ("grad", "float16"), ("grad", "uint8"), ("grad", "powersgd")]
-MODE_OVERRIDES = {"local": [], "grad": ["target_batch_size=1024"]}  # as in swarm_vs_single.py
+CODECS = ["none", "float16", "uint8"]
 LIMITS_MBIT = [None, 100, 20, 5]
 
 
@@ -80,11 +78,10 @@ def stop(process: subprocess.Popen) -> None:
             continue
 
 
-def run_once(lab: netns.Lab, mode: str, codec: str, seed: int, max_minutes: float, target: float) -> dict:
-    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-bw-{mode}-{codec}-"))
+def run_once(lab: netns.Lab, codec: str, seed: int, max_minutes: float, target: float) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-bw-{codec}-"))
     coordinator_address = lab.addresses[0]
-    overrides = [f"sync_mode={mode}", f"compression={codec}", f"seed={seed}", "distill_sizes=",
-                 *MODE_OVERRIDES[mode]]
+    overrides = [f"compression={codec}", f"seed={seed}", "distill_sizes="]
     command = ["hivegym.coordinator.cli", "--host", coordinator_address, "--port", "50051", "--host-maddrs",
                f"/ip4/{coordinator_address}/tcp/31337", "--run-dir", str(run_dir), "--target-return", str(target),
                "--max-minutes", str(max_minutes), "--no-dashboard", "--log-level", "WARNING"]
@@ -147,8 +144,7 @@ def main() -> None:
         args.out.write_text(json.dumps({"benchmark": "bandwidth", "skipped": reason, "machine": machine(),
                                         "table": [{"skipped": reason}]}, indent=2))
         return
-    settings = [("local", "float16")] if args.smoke else (
-        [("local", "none"), ("local", "uint8")] if args.quick else SETTINGS)
+    codecs = ["float16"] if args.smoke else (["none", "uint8"] if args.quick else CODECS)
     limits = [None, 5] if (args.smoke or args.quick) else LIMITS_MBIT
     target, max_minutes = (30.0, 1.5) if args.smoke else (475.0, args.max_minutes)
 
@@ -156,17 +152,16 @@ def main() -> None:
     with netns.Lab(3, subnet="10.78.0") as lab:
         for mbit in limits:
             cap(lab, mbit)
-            for mode, codec in settings:
+            for codec in codecs:
                 started = time.monotonic()
-                row = {"link": "unlimited" if mbit is None else f"{mbit} Mbit/s", "mode": mode, "compression": codec,
-                       **run_once(lab, mode, codec, 0, max_minutes, target)}
+                row = {"link": "unlimited" if mbit is None else f"{mbit} Mbit/s", "compression": codec,
+                       **run_once(lab, codec, 0, max_minutes, target)}
                 rows.append(row)
-                print(f"  {row['link']} {mode} {codec}: reached={row['reached']} train_wall={row['train_wall_s']}s "
+                print(f"  {row['link']} {codec}: reached={row['reached']} train_wall={row['train_wall_s']}s "
                       f"{row['peer_bytes_per_step']} B/peer/step ({time.monotonic() - started:.0f}s)", file=sys.stderr)
     for row in rows:  # ratios against the same setting unlimited, and against no compression on the same link
-        setting = (row["mode"], row["compression"])
-        same = [r for r in rows if r["link"] == "unlimited" and (r["mode"], r["compression"]) == setting]
-        plain = [r for r in rows if (r["link"], r["mode"], r["compression"]) == (row["link"], row["mode"], "none")]
+        same = [r for r in rows if r["link"] == "unlimited" and r["compression"] == row["compression"]]
+        plain = [r for r in rows if (r["link"], r["compression"]) == (row["link"], "none")]
         row["wall_vs_unlimited"] = (round(row["train_wall_s"] / same[0]["train_wall_s"], 2)
                                     if same and row["reached"] and same[0]["reached"] else None)
         row["bytes_vs_uncompressed"] = (round(row["peer_bytes_per_step"] / plain[0]["peer_bytes_per_step"], 2)
@@ -175,8 +170,8 @@ def main() -> None:
         del row["run_dir"]
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "bandwidth", "seeds": 1, "machine": machine(), "table": rows,
-                                    "mode_overrides": MODE_OVERRIDES}, indent=2))
+    args.out.write_text(json.dumps({"benchmark": "bandwidth", "seeds": 1, "machine": machine(), "table": rows},
+                                   indent=2))
     print(f"wrote {args.out}")
 
 

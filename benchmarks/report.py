@@ -24,6 +24,9 @@ def swarm_vs_single(data: dict) -> list[str]:
             lines.append(f"- {row['system']}: target within 1.25x of (a); measured {ratio}x: {verdict(ratio <= 1.25)}")
         elif row["system"].startswith("c:"):
             lines.append(f"- {row['system']}: target faster than (a); measured {ratio}x: {verdict(ratio < 1.0)}")
+    if any(row["system"].endswith(", grad") for row in data["table"]):
+        lines.append("- the grad rows: gradient averaging did not learn in time and was removed after this run "
+                     "(docs/ARCHITECTURE.md, \"Local updates only\")")
     return lines
 
 
@@ -78,14 +81,14 @@ def bandwidth(data: dict) -> list[str]:
     if slow:
         best = min(slow, key=lambda r: r["train_wall_s"])
         ratio = best["wall_vs_unlimited"]
-        lines.append(f"- at 5 Mbit/s the best setting ({best['mode']}, {best['compression']}) solves within 1.3x of "
+        lines.append(f"- at 5 Mbit/s the best setting ({best.get('mode', 'local')}, {best['compression']}) solves within 1.3x of "
                      f"its unlimited time; measured {ratio}x: {verdict(ratio <= 1.3)}")
     elif any(r["link"] == "5 Mbit/s" for r in rows):
         lines.append(f"- at 5 Mbit/s the best setting solves within 1.3x of its unlimited time; no setting solved both "
                      f"unlimited and at 5 Mbit/s: {verdict(False)}")
     for r in rows:
         if r["compression"] == "uint8" and r["bytes_vs_uncompressed"] is not None:
-            lines.append(f"- 8-bit bytes per step <= 30% of uncompressed ({r['link']}, {r['mode']}); measured "
+            lines.append(f"- 8-bit bytes per step <= 30% of uncompressed ({r['link']}, {r.get('mode', 'local')}); measured "
                          f"{100 * r['bytes_vs_uncompressed']:.0f}%: {verdict(r['bytes_vs_uncompressed'] <= 0.3)}")
     return lines
 

@@ -1,7 +1,7 @@
 """Swarm against a single process on CartPole-v1, side by side in one run, as ratios.
 
 Systems: (a) the same PPO in one plain process (torch Adam, no hivemind); (b) a 1-peer swarm; (c) a 2-peer
-swarm; (b) and (c) in both sync modes. Seeds alternate the order of the systems. Prints a table and writes
+swarm. Seeds alternate the order of the systems. Prints a table and writes
 benchmarks/results/swarm_vs_single.json.
 
     python benchmarks/swarm_vs_single.py            # 3 seeds, every system
@@ -22,9 +22,6 @@ from pathlib import Path
 from benchmarks_common import machine, print_table, run_swarm
 
 RESULTS = Path(__file__).with_name("results")
-# Per-mode settings found best in short tries on this machine: gradient averaging needs small epochs
-# (one global step per 1024 samples) to get enough optimizer steps; local updates average every 65536 (the default).
-MODE_SETTINGS = {"local": [], "grad": ["target_batch_size=1024"]}
 
 
 def loopback_tx_bytes() -> int:
@@ -56,10 +53,10 @@ def _single_worker(seed: int, target: float, max_env_steps: int) -> dict:
     return {**result, "train_wall_s": result["wall_s"], "bytes_per_peer_step": None, "curve": curve}
 
 
-def run_swarm_measured(peers: int, mode: str, seed: int, target: float, max_minutes: float) -> dict:
+def run_swarm_measured(peers: int, seed: int, target: float, max_minutes: float) -> dict:
     """(b) and (c), with the bytes this run sent over loopback (machine-wide: run nothing else meanwhile)."""
     tx_before = loopback_tx_bytes()
-    result = run_swarm(peers, [f"sync_mode={mode}", f"seed={seed}", *MODE_SETTINGS[mode]], target, max_minutes)
+    result = run_swarm(peers, [f"seed={seed}"], target, max_minutes)
     hivemind_peers = peers + 1  # the coordinator's trusted peer takes part in every round
     result["bytes_per_peer_step"] = round((loopback_tx_bytes() - tx_before) / hivemind_peers / max(result["epochs"], 1))
     return result
@@ -101,18 +98,17 @@ def main() -> None:
     target = 30.0 if args.smoke else 475.0
     max_minutes = 1.5 if args.smoke else args.max_minutes
 
-    systems = [("a: single process", None, 0), *((f"b: 1-peer swarm, {m}", m, 1) for m in MODE_SETTINGS),
-               *((f"c: 2-peer swarm, {m}", m, 2) for m in MODE_SETTINGS)]
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in systems}
+    systems = [("a: single process", 0), ("b: 1-peer swarm", 1), ("c: 2-peer swarm", 2)]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in systems}
     curves: dict[str, list] = {}  # return against [train wall s, env steps, eval return] per run
     for seed in range(seeds):
         order = systems[seed % len(systems):] + systems[:seed % len(systems)]  # alternate who goes first
-        for name, mode, peers in order:
+        for name, peers in order:
             started = time.monotonic()
-            if mode is None:
+            if peers == 0:
                 row = run_single(seed, target, max_env_steps=300_000)
             else:
-                row = run_swarm_measured(peers, mode, seed, target, max_minutes)
+                row = run_swarm_measured(peers, seed, target, max_minutes)
             row["seed"] = seed
             runs[name].append(row)
             curves[f"{name} seed {seed}"] = row["curve"]
@@ -123,7 +119,7 @@ def main() -> None:
     print_table(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "swarm_vs_single", "target_return": target, "seeds": seeds,
-                                    "machine": machine(), "mode_settings": MODE_SETTINGS, "table": table,
+                                    "machine": machine(), "table": table,
                                     "curves": curves, "runs": runs}, indent=2))
     print(f"wrote {args.out}")
 

@@ -37,7 +37,7 @@ ZOO = {
                            gamma=0.999, n_epochs=4, ent_coef=0.01),
 }
 # hivegym's RunConfig per env (CartPole-v1: the defaults, tuned for it); the others follow the zoo's discount and
-# GAE settings. LunarLander-v3: in local mode the policy moves once per epoch, so batches take the zoo's minibatch
+# GAE settings. LunarLander-v3: the policy moves once per epoch, so batches take the zoo's minibatch
 # of 64 (256 Adam steps per 4096 env steps, as many as the zoo's) and an epoch is 2 batches; with 64-step rollouts,
 # minibatch 256 and the default epoch it had not solved in 8 minutes; these settings solved it once (2 peers,
 # 229 s, 1.5M env steps), not yet over 3 seeds

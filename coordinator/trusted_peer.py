@@ -1,7 +1,6 @@
 """The coordinator's own hivemind peer: a full (non-client) peer that reduces every round and serves state.
 
-It contributes nothing to training: each of its optimizer steps counts one sample with no change to the parameters
-(zero gradients in grad mode). A peer with no samples publishes no progress, so client volunteers would never learn
+It contributes nothing to training: each of its optimizer steps counts one sample with no change to the parameters. A peer with no samples publishes no progress, so client volunteers would never learn
 the swarm's epoch, and step(batch_size=0) divides by zero in hivemind; one sample per step is enough for both, and
 in a round it weighs those few samples against the volunteers' thousands.
 """
@@ -46,8 +45,7 @@ class TrustedPeer:
         # what each volunteer sends into a round comes back here as a sketch (parameter averaging only)
         self.sent = multiprocessing.get_context("fork").Queue()
         spec = (config.sketch_dim, sketch_seed(config.run_id), parameter_count(self.policy))
-        reducer.install(config.run_id, self.tag, spec if config.sync_mode == "local" else None, self.sent,
-                        max_weight=config.target_batch_size)  # before the averagers fork
+        reducer.install(config.run_id, self.tag, spec, self.sent, max_weight=config.target_batch_size)  # before the averagers fork
         serve_epoch_states()
         self.dht = swarm.start_dht(list(initial_peers), client_mode=False, host_maddrs=host_maddrs,
                                    announce_maddrs=announce_maddrs,
@@ -75,9 +73,6 @@ class TrustedPeer:
     def train_once(self, after_step: Callable[[], bool]) -> bool:
         """One optimizer step of TRUSTED_SAMPLES samples that leaves the parameters as they are (it may join an
         averaging round), then after_step(); returns what after_step returns (True: the run is over)."""
-        if self.config.sync_mode == "grad":
-            for p in self.policy.parameters():
-                p.grad = torch.zeros_like(p)
         new_epoch = swarm.step(self.opt, TRUSTED_SAMPLES)
         if new_epoch is not None:
             self.state = Epoch(self.policy, new_epoch, self.config)

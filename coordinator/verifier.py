@@ -53,7 +53,6 @@ class PendingAudit:
     public_key: bytes
     receipt: Receipt
     epoch: int = -1  # the kept epoch whose parameters the replay uses
-    exact: bool = False  # the receipt's params_hash is that epoch's
 
 
 class Verifier:
@@ -274,8 +273,6 @@ class Verifier:
                 logger.error("audit of %s epoch %d batch %d crashed: %r", job.peer_id, job.receipt.epoch,
                              job.receipt.batch, e)
                 continue
-            if verdict == "diverged":
-                verdict, detail = self._diverged(job, detail)
             self._verdict(job, verdict, detail)
         while len(self.running) < parallel and (job := self._next_job()) is not None:
             with self.lock:
@@ -286,7 +283,7 @@ class Verifier:
                 continue
             with self.lock:
                 state = self.history.get(epoch)
-                job.epoch, job.exact = epoch, job.receipt.params_hash == self.hashes.get(epoch)
+                job.epoch = epoch
             if state is None:
                 continue
             try:
@@ -327,17 +324,6 @@ class Verifier:
                                     f"epoch {r.epoch}")
         return None, ("unmatched", "its parameters match no kept epoch (relative distance "
                                    f"{distances.get(nearest, float('inf')):.2g}); not credited")
-
-    def _diverged(self, job: PendingAudit, detail: str) -> tuple[str, str]:
-        """A replay whose actions differ in most streams. In grad mode each peer applies the averaged gradient with
-        its own optimizer, and one that missed a round holds parameters a little off every epoch's (relative
-        distance ~5e-4 seen, below PARAMS_RTOL): from there its sampled actions differ, so the mismatch proves
-        nothing unless its parameters were exactly the epoch's. In local mode every round leaves each peer the group's
-        average (up to the codec's rounding, which audits allow), and one further off is refused at submit."""
-        if self.config.sync_mode == "grad" and not job.exact:
-            return "unmatched", (f"{detail}, but its parameters are near epoch {job.epoch}'s, not exactly them "
-                                 "(a peer that missed a round in grad mode); not credited")
-        return "failed", detail
 
     def _verdict(self, job: PendingAudit, verdict: str, detail: str) -> None:
         r = job.receipt

@@ -13,8 +13,6 @@ import torch
 from hivemind.compression import (CompressionBase, Float16Compression, NoCompression, SizeAdaptiveCompression,
                                   quantization, serialization)
 from hivemind.averaging import key_manager, matchmaking
-from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
@@ -71,7 +69,6 @@ def compression(name: str) -> CompressionBase:
         "float16": Float16Compression(),
         "uint8": Uniform8Bit(),
         "blockwise8bit": Blockwise8Bit(),
-        "powersgd": Float16Compression(),  # PowerSGD's factors and residual travel as float16
     }[name]
     return SizeAdaptiveCompression(threshold=2**10, less=NoCompression(), greater_equal=codec)
 
@@ -156,39 +153,28 @@ def peer_ids(maddrs: list[str]) -> set[str]:
 
 def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig, client_mode: bool
                    ) -> hivemind.Optimizer:
-    """hivemind.Optimizer for the run's sync mode. Client mode is set on the DHT and here together:
-    hivemind 1.1.12 ignores the Optimizer's flag unless the DHT is a client too."""
-    # request_timeout must stay below matchmaking_time, or matchmaking can deadlock (hivemind's note)
-    request_timeout = config.matchmaking_time / 2
+    """hivemind.Optimizer with local updates and parameter averaging every target_batch_size samples. Client mode
+    is set on the DHT and here together: hivemind 1.1.12 ignores the Optimizer's flag unless the DHT is a client too."""
     throttle_leader_search()
-    # local mode: each batch's PPO update is computed by peer/worker.py (it must be replayable for audits), so
-    # hivemind's own local step is a no-op and hivemind only counts samples and averages parameters
-    inner = partial(torch.optim.SGD, lr=0.0) if config.sync_mode == "local" else partial(torch.optim.Adam,
-                                                                                         lr=config.learning_rate)
-    common = dict(
+    opt = hivemind.Optimizer(
         dht=dht, run_id=config.run_id, target_batch_size=config.target_batch_size,
-        optimizer=inner, params=policy.parameters(),
+        # each batch's PPO update is computed by peer/worker.py (it must be replayable for audits), so hivemind's own
+        # local step is a no-op and hivemind only counts samples and averages parameters
+        optimizer=partial(torch.optim.SGD, lr=0.0), params=policy.parameters(),
         matchmaking_time=config.matchmaking_time, averaging_timeout=config.averaging_timeout,
         load_state_timeout=config.load_state_timeout, client_mode=client_mode, verbose=False,
         state_averaging_compression=compression(config.compression),
-        averager_opts=dict(request_timeout=request_timeout),
+        # request_timeout must stay below matchmaking_time, or matchmaking can deadlock (hivemind's note)
+        averager_opts=dict(request_timeout=config.matchmaking_time / 2),
         # a full peer must notice that the swarm reached its target well inside a client's matchmaking
         # window, or the client's round finds no group and it ends the epoch alone
         tracker_opts=dict(min_refresh_period=0.05, max_refresh_period=config.matchmaking_time / 3),
-    )
-    if config.sync_mode == "local":
         # delayed (background) averaging would still block every local step until the round ends (hivemind's
         # delta rule), so average synchronously: params are then exactly the group's average after each epoch
-        opt = hivemind.Optimizer(**common, use_local_updates=True, delay_state_averaging=False)
-        weigh_rounds_by_samples(opt)
-        return opt
-    if config.compression == "powersgd":
-        factory = partial(PowerSGDGradientAverager, averager_rank=config.powersgd_rank,
-                          request_timeout=request_timeout)
-    else:
-        factory = partial(GradientAverager, request_timeout=request_timeout)
-    return hivemind.Optimizer(**common, grad_compression=compression(config.compression),
-                              grad_averager_factory=factory)
+        use_local_updates=True, delay_state_averaging=False,
+    )
+    weigh_rounds_by_samples(opt)
+    return opt
 
 
 def weigh_rounds_by_samples(opt: hivemind.Optimizer) -> None:

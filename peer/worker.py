@@ -72,7 +72,7 @@ class BatchResult:
 
 
 def round_input(epoch: Epoch) -> torch.Tensor:
-    """What a peer puts into the next round (local mode): the epoch's parameters + its mean contribution, [P]."""
+    """What a peer puts into the next round: the epoch's parameters + its mean contribution, [P]."""
     return epoch.params + epoch.total / epoch.count
 
 
@@ -89,23 +89,17 @@ def do_batch(policy: ActorCritic, epoch: Epoch, collector: Collector, seeds: Bat
     t2 = time.perf_counter()
     result = BatchResult(Work(rollout, batch, update), epoch.number, epoch.next_batch, t1 - t0, t2 - t1)
     epoch.next_batch += 1
-    with torch.no_grad():
-        if config.sync_mode == "local":  # what goes into the round: the epoch's parameters + the mean contribution
-            epoch.total += update.to(device)
-            epoch.count += 1
-            set_flat_params_(policy, round_input(epoch))
-        else:  # the optimizer averages these gradients over the swarm, then steps
-            offset = 0
-            for p in policy.parameters():
-                p.grad = update[offset:offset + p.numel()].view_as(p).to(device).clone()
-                offset += p.numel()
+    with torch.no_grad():  # what goes into the round: the epoch's parameters + the mean contribution
+        epoch.total += update.to(device)
+        epoch.count += 1
+        set_flat_params_(policy, round_input(epoch))
     samples = len(batch) * config.update_epochs
     new_epoch = step(samples)
     result.step_s = time.perf_counter() - t2
     if new_epoch is not None:
         result.average_s = result.step_s
         epoch = Epoch(policy, new_epoch, config)
-    elif config.sync_mode == "local":
+    else:
         with torch.no_grad():  # between steps the peer holds the epoch's parameters (what a downloader gets)
             set_flat_params_(policy, epoch.params)
     progress.env_steps += len(batch)
@@ -128,11 +122,8 @@ def train_alone(config: RunConfig, target_return: float, max_env_steps: int, log
     collector = Collector(config.env_id, config.num_envs, 0)
     progress, start = Progress(), time.perf_counter()
     epoch = Epoch(policy, 0, config)
-    adam = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)  # grad mode: the swarm's optimizer
 
     def step(samples: int) -> int:
-        if config.sync_mode == "grad":
-            adam.step()
         return epoch.number + 1
 
     eval_return = None

@@ -11,8 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-SyncMode = Literal["grad", "local"]
-Compression = Literal["none", "float16", "uint8", "blockwise8bit", "powersgd"]
+Compression = Literal["none", "float16", "uint8", "blockwise8bit"]
 
 
 class ConfigError(ValueError):
@@ -59,15 +58,11 @@ class RunConfig:
     max_grad_norm: float = 0.5
     """Local gradients are clipped to this L2 norm before they are averaged."""
 
-    sync_mode: SyncMode = "local"
-    """'grad': average gradients every global step; 'local': local Adam steps, average parameters every epoch."""
     target_batch_size: int = 10240
     """Samples the whole swarm accumulates per epoch, a batch counting num_envs * rollout_steps * update_epochs: one
     batch from each of two volunteers by default."""
     compression: Compression = "float16"
-    """Codec for averaged tensors: none, float16, uint8, blockwise8bit, powersgd."""
-    powersgd_rank: int = 4
-    """Rank of the PowerSGD approximation (compression='powersgd', sync_mode='grad' only)."""
+    """Codec for averaged parameters: none, float16, uint8, blockwise8bit."""
 
     matchmaking_time: float = 0.5
     """Seconds hivemind waits to gather peers into an averaging group."""
@@ -123,7 +118,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         positive = ["hidden_width", "hidden_layers", "num_envs", "rollout_steps", "update_epochs",
-                    "minibatch_size", "target_batch_size", "powersgd_rank", "rpc_retries", "eval_every",
+                    "minibatch_size", "target_batch_size", "rpc_retries", "eval_every",
                     "eval_episodes", "learning_rate", "matchmaking_time", "averaging_timeout",
                     "load_state_timeout", "rpc_timeout", "max_grad_norm", "distill_iterations",
                     "distill_episodes", "sketch_dim", "new_peer_receipts", "strikes_to_ban", "params_history",
@@ -141,8 +136,6 @@ class RunConfig:
         for name in ["ent_coef", "vf_coef", "eval_seed", "distill_margin", "distill_every"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.compression == "powersgd" and self.sync_mode != "grad":
-            raise ConfigError("compression='powersgd' needs sync_mode='grad' (it compresses gradients)")
         if not self.run_id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"run_id must be letters, digits, '-' or '_', got {self.run_id!r}")
         parse_sizes(self.distill_sizes)

@@ -72,35 +72,22 @@ def replay_batch(policy: ActorCritic, config: RunConfig, collector: Collector, s
 
 def contribution(policy: ActorCritic, batch: Batch, config: RunConfig, shuffle_seed: int,
                  device: torch.device | None = None) -> torch.Tensor:
-    """What the batch adds to the swarm, as a flat vector [P]; `policy` is not changed.
-
-    sync_mode 'local': the parameter change of `update_epochs` PPO passes over the batch starting from `policy`
-    with a fresh Adam (so it depends on nothing but the epoch's parameters and the batch).
-    sync_mode 'grad': the mean over the batch's minibatches of the clipped PPO gradient at `policy` (the
-    parameters do not move within an epoch, so one pass says all that more passes would)."""
+    """What the batch adds to the swarm, as a flat vector [P]: the parameter change of `update_epochs` PPO passes
+    over the batch starting from `policy` with a fresh Adam (so it depends on nothing but the epoch's parameters and
+    the batch); `policy` is not changed."""
     learner = copy.deepcopy(policy).to(device or torch.device("cpu"))
     batch = batch.to(device or torch.device("cpu"))
-    params = list(learner.parameters())
     generator = torch.Generator().manual_seed(shuffle_seed)
     start = flat_params(learner)
-    if config.sync_mode == "local":
-        # eps 1e-5 (CleanRL's): with torch's 1e-8, coordinates whose gradient is ~0 take full-size steps in the
-        # direction of noise, and a replay from parameters that differ by the codec's rounding drifts apart
-        adam = torch.optim.Adam(params, lr=config.learning_rate, eps=1e-5)
-        for _ in range(config.update_epochs):
-            for mb in minibatches(batch, config.minibatch_size, generator):
-                adam.zero_grad(set_to_none=True)
-                _clipped_backward(learner, mb, config)
-                adam.step()
-        return (flat_params(learner) - start).cpu()
-    total = torch.zeros_like(start)
-    chunks = minibatches(batch, config.minibatch_size, generator)
-    for mb in chunks:
-        for p in params:
-            p.grad = None
-        _clipped_backward(learner, mb, config)
-        total += torch.cat([p.grad.reshape(-1) for p in params])
-    return (total / len(chunks)).cpu()
+    # eps 1e-5 (CleanRL's): with torch's 1e-8, coordinates whose gradient is ~0 take full-size steps in the
+    # direction of noise, and a replay from parameters that differ by the codec's rounding drifts apart
+    adam = torch.optim.Adam(learner.parameters(), lr=config.learning_rate, eps=1e-5)
+    for _ in range(config.update_epochs):
+        for mb in minibatches(batch, config.minibatch_size, generator):
+            adam.zero_grad(set_to_none=True)
+            _clipped_backward(learner, mb, config)
+            adam.step()
+    return (flat_params(learner) - start).cpu()
 
 
 def _clipped_backward(policy: ActorCritic, mb: Batch, config: RunConfig) -> None:

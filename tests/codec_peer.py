@@ -1,6 +1,6 @@
-"""One full hivemind peer for tests/test_codecs.py: a constant gradient, one averaging round, JSON out.
+"""One full hivemind peer for tests/test_codecs.py: its weights moved by VALUE * LR, one averaging round, JSON out.
 
-usage: python codec_peer.py SYNC_MODE CODEC GRAD_VALUE [BOOTSTRAP_MADDR]
+usage: python codec_peer.py CODEC VALUE [BOOTSTRAP_MADDR]
 Prints {"maddrs": [...]} once its DHT is up, then {"epoch": .., "moved": [..], "weight": [..]} at the end.
 """
 
@@ -18,9 +18,8 @@ LR = 0.01
 
 
 def main() -> None:
-    sync_mode, codec, value, *bootstrap = sys.argv[1:]
-    config = dataclasses.replace(RunConfig(), run_id=f"codec-{sync_mode}-{codec}", sync_mode=sync_mode,
-                                 compression=codec, target_batch_size=128, learning_rate=LR,
+    codec, value, *bootstrap = sys.argv[1:]
+    config = dataclasses.replace(RunConfig(), run_id=f"codec-{codec}", compression=codec, target_batch_size=128, learning_rate=LR,
                                  matchmaking_time=5.0, averaging_timeout=30.0)
     # a wide matchmaking window: on a loaded CI machine the second peer can enter its round seconds late
     dht = swarm.start_dht(bootstrap, client_mode=False)
@@ -29,15 +28,13 @@ def main() -> None:
     model = torch.nn.Linear(64, 64)  # 4160 parameters: above the size where compression applies
     before = model.weight.detach().clone()
     opt = swarm.make_optimizer(dht, model, config, client_mode=False)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, float(value))
+    with torch.no_grad():  # what this peer brings into the round: its start moved by value * LR
+        model.weight += float(value) * LR
     opt.step(batch_size=1)  # publishes this peer's progress
     deadline = time.monotonic() + 90
     while opt.tracker.global_progress.num_peers < 2 and time.monotonic() < deadline:
         time.sleep(0.1)  # a peer that steps before it sees the other would step alone
     opt.step(batch_size=64)
-    for p in model.parameters():  # later steps only trigger the round; zero gradients keep the average's sign
-        p.grad.zero_()
     while (opt.local_epoch < 1 and opt.tracker.global_progress.samples_accumulated < 128
            and time.monotonic() < deadline):
         time.sleep(0.1)  # both peers' 65 samples are in before anyone triggers the round
