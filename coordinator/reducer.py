@@ -184,8 +184,7 @@ def install(run_id: str, tag: bytes, sketch_spec: tuple[int, int, int] | None = 
             max_weight: float = float("inf")) -> None:
     """Make every averager created after this in this process a trusted reducer (robust, access-controlled).
     sketch_spec (dim, seed, parameters) and sent_queue: report the sketch of what each sender sent (see
-    RobustReducer). max_weight: the cap on a
-    sender's self-reported weight (the round's target samples)."""
+    RobustReducer). max_weight: the cap on a sender's self-reported weight (the round's target samples)."""
     global _guard, _sketch_spec, _sent_queue, _max_weight
     _guard = AccessGuard(run_id, tag)
     _sketch_spec, _sent_queue, _max_weight = sketch_spec, sent_queue, max_weight

@@ -1,8 +1,9 @@
 """The coordinator's own hivemind peer: a full (non-client) peer that reduces every round and serves state.
 
-It contributes nothing to training: each of its optimizer steps counts one sample with no change to the parameters. A peer with no samples publishes no progress, so client volunteers would never learn
-the swarm's epoch, and step(batch_size=0) divides by zero in hivemind; one sample per step is enough for both, and
-in a round it weighs those few samples against the volunteers' thousands.
+It contributes nothing to training: each of its optimizer steps counts one sample and leaves the parameters as they
+are. A peer with no samples publishes no progress, so client volunteers would never learn the swarm's epoch, and
+step(batch_size=0) divides by zero in hivemind; one sample per step is enough for both, and in a round it weighs
+those few samples against the volunteers' thousands.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class TrustedPeer:
         # what each volunteer sends into a round comes back here as a sketch (parameter averaging only)
         self.sent = multiprocessing.get_context("fork").Queue()
         spec = (config.sketch_dim, sketch_seed(config.run_id), parameter_count(self.policy))
-        reducer.install(config.run_id, self.tag, spec, self.sent, max_weight=config.target_batch_size)  # before the averagers fork
+        # before the averagers fork
+        reducer.install(config.run_id, self.tag, spec, self.sent, max_weight=config.target_batch_size)
         serve_epoch_states()
         self.dht = swarm.start_dht(list(initial_peers), client_mode=False, host_maddrs=host_maddrs,
                                    announce_maddrs=announce_maddrs,

@@ -179,9 +179,10 @@ def make_optimizer(dht: hivemind.DHT, policy: torch.nn.Module, config: RunConfig
 
 def weigh_rounds_by_samples(opt: hivemind.Optimizer) -> None:
     """This peer's weight in a parameter-averaging round: the samples it accumulated in the epoch (at least 1, so a
-    round never has a zero total), not hivemind's 1 per peer. Equal weights let the coordinator's trusted peer, which
-    trains on a trickle, count as much as a volunteer. hivemind passes no weight to the state averager's rounds, so
-    this wraps that averager's step (this instance only) to put the weight on the round, scheduled or not."""
+    round never has a zero total), not hivemind's 1 per peer, under which a peer that contributed little (the
+    coordinator's trusted peer, a slow volunteer) counted as much as any other. hivemind passes no weight to the state
+    averager's rounds, so this wraps that averager's step (this instance only) to put the weight on the round,
+    scheduled or not."""
     averager_step = opt.state_averager.step
 
     def step(*args, averaging_round: bool = False, averaging_control=None, averaging_opts=None, **kwargs):

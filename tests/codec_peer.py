@@ -19,8 +19,8 @@ LR = 0.01
 
 def main() -> None:
     codec, value, *bootstrap = sys.argv[1:]
-    config = dataclasses.replace(RunConfig(), run_id=f"codec-{codec}", compression=codec, target_batch_size=128, learning_rate=LR,
-                                 matchmaking_time=5.0, averaging_timeout=30.0)
+    config = dataclasses.replace(RunConfig(), run_id=f"codec-{codec}", compression=codec, target_batch_size=128,
+                                 learning_rate=LR, matchmaking_time=5.0, averaging_timeout=30.0)
     # a wide matchmaking window: on a loaded CI machine the second peer can enter its round seconds late
     dht = swarm.start_dht(bootstrap, client_mode=False)
     print(json.dumps({"maddrs": swarm.visible_maddrs(dht)}), flush=True)

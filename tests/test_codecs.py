@@ -44,6 +44,7 @@ def test_codec_in_real_allreduce(codec):
     moved = torch.tensor(result_a["moved"])
     # A entered the round LR above its start and B 5 LR below: a weighted average of the two (both weigh their
     # samples, about the same count) leaves A below its start
-    assert (moved < -0.5 * LR).float().mean() > 0.95, f"A did not follow the average: {moved.mean()}, steps {result_a['steps']}:{result_b['steps']}"
+    assert (moved < -0.5 * LR).float().mean() > 0.95, \
+        f"A did not follow the average: {moved.mean()}, steps {result_a['steps']}:{result_b['steps']}"
     gap = (torch.tensor(result_a["weight"]) - torch.tensor(result_b["weight"])).abs().max().item()
     assert gap < 0.2 * LR, f"peers disagree by {gap} after {codec} averaging"
