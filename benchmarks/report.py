@@ -24,6 +24,12 @@ def swarm_vs_single(data: dict) -> list[str]:
             lines.append(f"- {row['system']}: target within 1.25x of (a); measured {ratio}x: {verdict(ratio <= 1.25)}")
         elif row["system"].startswith("c:"):
             lines.append(f"- {row['system']}: target faster than (a); measured {ratio}x: {verdict(ratio < 1.0)}")
+    rows = {row["system"]: row for row in data["table"]}
+    single, pair = rows.get("a: single process", {}), rows.get("c: 2-peer swarm", {})
+    if single.get("median_env_steps") and pair.get("median_env_steps"):
+        ratio = round(pair["median_env_steps"] / single["median_env_steps"], 2)
+        lines.append(f"- c: 2-peer swarm: env steps to solve at most 1.5x (a)'s; measured {ratio}x: "
+                     f"{verdict(ratio <= 1.5)}")
     if any(row["system"].endswith(", grad") for row in data["table"]):
         lines.append("- the grad rows: gradient averaging did not learn in time and was removed after this run "
                      "(docs/ARCHITECTURE.md, \"Local updates only\")")

@@ -64,37 +64,38 @@ class Collector:
         n = self.envs.num_envs
         if seed is not None:
             self.obs, _ = self.envs.reset(seed=seed)
-        obs_buf, act_buf, lp_buf, val_buf, rew_buf, done_buf = [], [], [], [], [], []
+        obs = torch.empty(steps + 1, n, *self.obs.shape[1:])  # [T+1, N, obs_dim]: the last row is for last_value
+        act_buf, rewards, dones = [], torch.zeros(steps, n), torch.zeros(steps, n)
         env_returns: list[list[float]] = [[] for _ in range(n)]
-        for _ in range(steps):
-            obs = torch.as_tensor(self.obs, dtype=torch.float32)  # [N, obs_dim]
-            dist = policy.dist(obs)
+        for t in range(steps):
+            obs[t] = torch.from_numpy(np.asarray(self.obs, dtype=np.float32))
+            # only the actor runs per step; values and log-probabilities are computed for the whole rollout at once
+            out = policy.actor(obs[t])  # [N, act_dim]
             if policy.discrete:
-                action = torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)  # [N]
+                action = torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1)  # [N]
             else:
-                noise = torch.randn(dist.mean.shape, generator=generator)
-                action = dist.mean + dist.stddev * noise  # [N, act_dim]
+                noise = torch.randn(out.shape, generator=generator)
+                action = out + policy.log_std.exp() * noise  # [N, act_dim]
             env_action = action.numpy() if self.low is None else np.clip(action.numpy(), self.low, self.high)
             next_obs, reward, terminated, truncated, info = self.envs.step(env_action)
-            reward = torch.as_tensor(reward, dtype=torch.float32)
+            rewards[t] = torch.from_numpy(np.asarray(reward, dtype=np.float32))
             if truncated.any():  # bootstrap time-limit truncations from the final observation
                 final = np.stack([info["final_obs"][i] if truncated[i] else self.obs[i] for i in range(n)])
                 final_value = policy.value(torch.as_tensor(final, dtype=torch.float32))
-                reward += gamma * final_value * torch.as_tensor(truncated & ~terminated, dtype=torch.float32)
+                rewards[t] += gamma * final_value * torch.as_tensor(truncated & ~terminated, dtype=torch.float32)
             if "episode" in info:
                 for i in np.flatnonzero(info["_episode"]):
                     env_returns[i].append(float(info["episode"]["r"][i]))
-            obs_buf.append(obs)
             act_buf.append(action)
-            lp_buf.append(policy.log_prob(dist, action))
-            val_buf.append(policy.value(obs))
-            rew_buf.append(reward)
-            done_buf.append(torch.as_tensor(terminated | truncated, dtype=torch.float32))
+            dones[t] = torch.from_numpy(terminated | truncated)
             self.obs = next_obs
-        last_value = policy.value(torch.as_tensor(self.obs, dtype=torch.float32))
-        stack = torch.stack
-        return Rollout(stack(obs_buf), stack(act_buf), stack(lp_buf), stack(val_buf), stack(rew_buf),
-                       stack(done_buf), last_value, [r for env in env_returns for r in env], env_returns)
+        obs[steps] = torch.from_numpy(np.asarray(self.obs, dtype=np.float32))
+        actions = torch.stack(act_buf)  # [T, N] or [T, N, act_dim]
+        values = policy.value(obs.flatten(0, 1)).view(steps + 1, n)  # [T+1, N]
+        flat_actions = actions.flatten(0, 1)
+        logprobs = policy.log_prob(policy.dist(obs[:steps].flatten(0, 1)), flat_actions).view(steps, n)  # [T, N]
+        return Rollout(obs[:steps], actions, logprobs, values[:steps], rewards, dones, values[steps],
+                       [r for env in env_returns for r in env], env_returns)
 
     def close(self) -> None:
         self.envs.close()

@@ -1,6 +1,6 @@
 """One full hivemind peer for tests/test_codecs.py: its weights moved by VALUE * LR, one averaging round, JSON out.
 
-usage: python codec_peer.py CODEC VALUE [BOOTSTRAP_MADDR]
+usage: python codec_peer.py CODEC VALUE SAMPLES [BOOTSTRAP_MADDR]
 Prints {"maddrs": [...]} once its DHT is up, then {"epoch": .., "moved": [..], "weight": [..]} at the end.
 """
 
@@ -18,7 +18,7 @@ LR = 0.01
 
 
 def main() -> None:
-    codec, value, *bootstrap = sys.argv[1:]
+    codec, value, samples, *bootstrap = sys.argv[1:]
     config = dataclasses.replace(RunConfig(), run_id=f"codec-{codec}", compression=codec, target_batch_size=128,
                                  learning_rate=LR, matchmaking_time=5.0, averaging_timeout=30.0)
     # a wide matchmaking window: on a loaded CI machine the second peer can enter its round seconds late
@@ -34,10 +34,10 @@ def main() -> None:
     deadline = time.monotonic() + 90
     while opt.tracker.global_progress.num_peers < 2 and time.monotonic() < deadline:
         time.sleep(0.1)  # a peer that steps before it sees the other would step alone
-    opt.step(batch_size=64)
+    opt.step(batch_size=int(samples))  # this peer's weight in the round: 1 + samples + its steps below
     while (opt.local_epoch < 1 and opt.tracker.global_progress.samples_accumulated < 128
            and time.monotonic() < deadline):
-        time.sleep(0.1)  # both peers' 65 samples are in before anyone triggers the round
+        time.sleep(0.1)  # both peers' samples are in before anyone triggers the round
     steps = 0
     while opt.local_epoch < 1 and time.monotonic() < deadline:
         opt.step(batch_size=1)

@@ -1,9 +1,9 @@
 """Every codec in a real hivemind all-reduce between two full peers in separate processes.
 
-Both start from the same weights; A moves its own by +LR and B by -5 LR before the round, each reporting about 65
-samples. Parameter averaging must leave both with the same weights, below A's start. A peer whose round failed (as
-it does when the receiving side cannot decode an 8-bit part) keeps its own: A would stay above its start and the
-peers would disagree.
+Both start from the same weights; A moves its own by +LR and B by -5 LR before the round, A reporting 65 samples and
+B 641. Parameter averaging must leave both with the same weights, at the sample-weighted mean of the two (about
+-4.5 LR from the start; an unweighted mean would be -2 LR). A peer whose round failed (as it does when the receiving
+side cannot decode an 8-bit part) keeps its own: A would stay above its start and the peers would disagree.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ def start(*args: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize("codec", ["none", "float16", "uint8", "blockwise8bit"])
 def test_codec_in_real_allreduce(codec):
-    a = start(codec, "1.0")
+    a = start(codec, "1.0", "64")
     try:
         maddrs = json.loads(a.stdout.readline())["maddrs"]
-        b = start(codec, "-5.0", *maddrs)
+        b = start(codec, "-5.0", "640", *maddrs)
         out_b, _ = b.communicate(timeout=150)
         out_a, _ = a.communicate(timeout=150)
     finally:
@@ -42,9 +42,9 @@ def test_codec_in_real_allreduce(codec):
     result_b = json.loads(out_b.strip().splitlines()[-1])
     assert result_a["epoch"] >= 1 and result_b["epoch"] >= 1, (result_a["steps"], result_b["steps"])
     moved = torch.tensor(result_a["moved"])
-    # A entered the round LR above its start and B 5 LR below: a weighted average of the two (both weigh their
-    # samples, about the same count) leaves A below its start
-    assert (moved < -0.5 * LR).float().mean() > 0.95, \
-        f"A did not follow the average: {moved.mean()}, steps {result_a['steps']}:{result_b['steps']}"
+    weight_a, weight_b = 1 + 64 + result_a["steps"], 1 + 640 + result_b["steps"]  # the samples each accumulated
+    expected = LR * (weight_a * 1.0 + weight_b * -5.0) / (weight_a + weight_b)
+    assert abs(moved.mean().item() - expected) < 0.2 * LR, \
+        f"A moved {moved.mean()}, not the weighted mean {expected}; steps {result_a['steps']}:{result_b['steps']}"
     gap = (torch.tensor(result_a["weight"]) - torch.tensor(result_b["weight"])).abs().max().item()
     assert gap < 0.2 * LR, f"peers disagree by {gap} after {codec} averaging"
