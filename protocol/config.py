@@ -14,6 +14,13 @@ from typing import Any, Literal
 Compression = Literal["none", "float16", "uint8", "blockwise8bit"]
 
 
+REMOVED = {  # keys that older configs may still carry, and why they went
+    "sync_mode": "every peer takes local PPO steps and rounds average parameters (gradient averaging was removed, "
+                 "docs/ARCHITECTURE.md)",
+    "powersgd_rank": "PowerSGD compressed averaged gradients, which are no longer averaged",
+}
+
+
 class ConfigError(ValueError):
     """A config key is unknown or its value is invalid; the message names the key."""
 
@@ -179,6 +186,8 @@ def from_dict(data: Any) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a table of keys, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in sorted(set(data) & set(REMOVED)):
+        raise ConfigError(f"config key {key!r} was removed: {REMOVED[key]}; delete it")
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")

@@ -84,7 +84,8 @@ def test_wrong_type_rejected(override, key):
     (["eval_seed=-1"], "eval_seed"),
     (["compression=zip"], "compression"),
     (["compression=powersgd"], "compression"),
-    (["sync_mode=grad"], "unknown config key 'sync_mode'"),
+    (["sync_mode=local"], "'sync_mode' was removed"),
+    (["powersgd_rank=4"], "'powersgd_rank' was removed"),
     (["run_id=a/b"], "run_id"),
     (["run_id="], "run_id"),
 ])
