@@ -43,7 +43,7 @@ def _single_worker(seed: int, target: float, max_env_steps: int) -> dict:
 
     import torch
 
-    from hivegym.peer.worker import train_alone
+    from hivegym.protocol.alone import train_alone
     from hivegym.protocol.config import RunConfig
 
     torch.set_num_threads(1)

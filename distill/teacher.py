@@ -1,4 +1,4 @@
-"""A teacher trained in one process, for tests and benchmarks: peer/worker.py's train_alone, keeping the
+"""A teacher trained in one process, for tests and benchmarks: protocol/alone.py's train_alone, keeping the
 best-evaluated policy (train_alone returns only figures)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 
-from hivegym.peer.worker import train_alone
+from hivegym.protocol.alone import train_alone
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.policy import ActorCritic, build_policy
 

@@ -12,8 +12,8 @@ import torch
 
 from hivegym.protocol.config import RunConfig
 from hivegym.protocol.policy import ActorCritic
-from hivegym.protocol.rollout import Collector, evaluate
-from hivegym.protocol.work import (BatchSeeds, Work, batch_seeds, collect_batch, contribution, flat_params,
+from hivegym.protocol.rollout import Collector
+from hivegym.protocol.work import (BatchSeeds, Work, collect_batch, contribution, flat_params,
                                    params_hash, set_flat_params_, sketch, sketch_seed)
 
 StepFn = Callable[[int], "int | None"]  # one optimizer step for this many samples; the new epoch if it began one
@@ -110,36 +110,3 @@ def do_batch(policy: ActorCritic, epoch: Epoch, collector: Collector, seeds: Bat
     t.collect, t.compute = t.collect + result.collect_s, t.compute + result.compute_s
     t.step, t.average = t.step + result.step_s, t.average + result.average_s
     return result, epoch
-
-
-def train_alone(config: RunConfig, target_return: float, max_env_steps: int, log: Callable[[dict], None] | None = None,
-                policy: ActorCritic | None = None) -> dict:
-    """The same batches in one plain process (no swarm; every batch is its own epoch): the baseline the swarm is
-    measured against, and how teachers are trained. Evaluates every `eval_every` batches."""
-    from hivegym.protocol.policy import build_policy
-
-    policy = policy or build_policy(config.env_id, config.hidden_width, config.hidden_layers, config.seed)
-    collector = Collector(config.env_id, config.num_envs, 0)
-    progress, start = Progress(), time.perf_counter()
-    epoch = Epoch(policy, 0, config)
-
-    def step(samples: int) -> int:
-        return epoch.number + 1
-
-    eval_return = None
-    while progress.env_steps < max_env_steps:
-        seeds = batch_seeds(config.run_id, b"alone", epoch.number, 0)
-        _, epoch = do_batch(policy, epoch, collector, seeds, progress, step)
-        if epoch.number % config.eval_every == 0:
-            returns = evaluate(policy, config.env_id, config.eval_episodes, config.eval_seed)
-            eval_return = sum(returns) / len(returns)
-            if log:
-                log({"wall_s": time.perf_counter() - start, "env_steps": progress.env_steps,
-                     "eval_return": eval_return, "policy": policy})
-            if eval_return >= target_return:
-                break
-    collector.close()
-    wall = time.perf_counter() - start
-    reached = eval_return is not None and eval_return >= target_return
-    return {"reached": reached, "wall_s": wall, "env_steps": progress.env_steps, "eval_return": eval_return,
-            **progress.timings.as_dict()}
