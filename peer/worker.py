@@ -28,9 +28,6 @@ class Timings:
     step: float = 0.0
     average: float = 0.0  # part of `step`: the steps that ended an epoch (matchmaking and all-reduce)
 
-    def as_dict(self) -> dict[str, float]:
-        return {"collect_s": self.collect, "compute_s": self.compute, "step_s": self.step, "average_s": self.average}
-
 
 @dataclass
 class Progress:

@@ -92,8 +92,8 @@ class Collector:
         obs[steps] = torch.from_numpy(np.asarray(self.obs, dtype=np.float32))
         actions = torch.stack(act_buf)  # [T, N] or [T, N, act_dim]
         values = policy.value(obs.flatten(0, 1)).view(steps + 1, n)  # [T+1, N]
-        flat_actions = actions.flatten(0, 1)
-        logprobs = policy.log_prob(policy.dist(obs[:steps].flatten(0, 1)), flat_actions).view(steps, n)  # [T, N]
+        dist = policy.dist(obs[:steps].flatten(0, 1))
+        logprobs = policy.log_prob(dist, actions.flatten(0, 1)).view(steps, n)  # [T, N]
         return Rollout(obs[:steps], actions, logprobs, values[:steps], rewards, dones, values[steps],
                        [r for env in env_returns for r in env], env_returns)
 
